@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "prep": ("data_prep.prep", "competition TSV files -> validated, sharded TFRecords + vocabulary + word2vec"),
     "prep-merge": ("data_prep.merge", "merge per-machine prep outputs and train word2vec once"),
     "train": ("estimator.train", "train_and_evaluate the ranker (NDCG@5 to TensorBoard)"),
+    "cluster-local": ("estimator.cluster_local", "run `train` as a local TF_CONFIG cluster (chief, worker, ps, evaluator)"),
     "export": ("export.export", "write a TF Serving SavedModel from a checkpoint"),
     "rank": ("export.rank", "rank candidate lists with a SavedModel into the submission CSV"),
     "score": ("export.score", "score a submission CSV with NDCG@5 as the organiser did"),
