@@ -79,6 +79,7 @@ class Task:
 class ClusterResult:
     """Exit codes by task name ("chief:0", "worker:0", ...); None = stopped by us."""
     exit_codes: Dict[str, Optional[int]]
+    pids: Dict[str, int]
     log_dir: str
     seconds: float
 
@@ -165,7 +166,8 @@ def run_local_cluster(train_argv: Sequence[str], log_dir: str, num_workers: int 
         for task in tasks:
             _stop(task)
     codes = {name: (None if name.startswith(PS) else code) for name, code in codes.items()}
-    return ClusterResult(codes, log_dir, time.time() - start)
+    return ClusterResult(codes, {t.name: t.process.pid for t in tasks}, log_dir,
+                         time.time() - start)
 
 
 def main(argv=None) -> int:

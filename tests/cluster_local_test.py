@@ -1,6 +1,7 @@
 """Tests of estimator/cluster_local.py: TF_CONFIG layout and clean process shutdown."""
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -81,3 +82,56 @@ def test_cli_requires_train_arguments(capsys):
     with pytest.raises(SystemExit):
         cluster_local.main(["--log-dir", "x"])
     assert "mmrecall train" in capsys.readouterr().err
+
+
+STEP_LINE = re.compile(r"loss = [0-9.eE+-]+, step = (\d+)")
+
+
+def _logged_steps(log_path) -> list:
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        return [int(m.group(1)) for m in STEP_LINE.finditer(f.read())]
+
+
+def test_local_cluster_trains_from_both_workers_and_stops_everything(tmp_path):
+    """chief + 1 worker + 1 ps + evaluator on generated data; nothing left running after."""
+    import tensorflow as tf
+
+    data, prep, model = tmp_path / "data", tmp_path / "prep", tmp_path / "model"
+    subprocess.run([sys.executable, "-m", "mmrecall_cli", "generate", "--out", str(data),
+                    "--train-rows", "400", "--valid-queries", "6", "--test-queries", "0",
+                    "--seed", "3"], check=True, capture_output=True)
+    # Several train shards, so each worker reads its own files.
+    subprocess.run([sys.executable, "-m", "mmrecall_cli", "prep", "--out", str(prep),
+                    "--train", str(data / "train.tsv"), "--valid", str(data / "valid.tsv"),
+                    "--valid-answers", str(data / "valid_answer.json"),
+                    "--rows-per-shard", "100", "--workers", "1"],
+                   check=True, capture_output=True)
+    steps = 240
+    tiny = ["hidden_size=16", "pooled_size=16", "intermediate_size=32", "box_hidden_size=32",
+            "num_heads=2", "batch_size=16", "save_checkpoints_steps=120",
+            "eval_throttle_secs=5", "log_step_count_steps=20"]
+    train_args = ["--data", str(prep), "--model-dir", str(model), "--steps", str(steps)]
+    for item in tiny:
+        train_args += ["--set", item]
+
+    result = cluster_local.run_local_cluster(train_args, str(tmp_path / "logs"),
+                                             num_workers=1, num_ps=1, evaluator=True,
+                                             timeout_seconds=900)
+
+    assert result.ok, result.exit_codes
+    assert result.exit_codes["ps:0"] is None       # stopped by us, it never exits by itself
+    assert set(result.exit_codes) == {"chief:0", "worker:0", "ps:0", "evaluator:0"}
+    # Both trainers ran steps of the one shared global step.
+    chief_steps = _logged_steps(tmp_path / "logs" / "chief-0.log")
+    worker_steps = _logged_steps(tmp_path / "logs" / "worker-0.log")
+    assert chief_steps and worker_steps
+    assert max(worker_steps) > 0
+    final = tf.train.latest_checkpoint(str(model))
+    assert final is not None
+    assert int(final.rsplit("-", 1)[1]) >= steps
+    # The evaluator evaluated the final checkpoint.
+    evaluator_log = (tmp_path / "logs" / "evaluator-0.log").read_text(errors="replace")
+    assert "ndcg@5" in evaluator_log
+    # No process of the cluster is left.
+    assert len(result.pids) == 4
+    assert not [name for name, pid in result.pids.items() if _alive(pid)]
