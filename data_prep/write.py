@@ -1,0 +1,479 @@
+"""One chunk of TSV lines -> one TFRecord shard plus its sidecars, atomically and resumably.
+
+Layout inside a prep output directory DIR (k = shard index, 5 digits):
+  DIR/<split>/part-0000k.tfrecord[.gz]     the records (schema.encode_example)
+  DIR/state/<split>/part-0000k.json        sidecar: counts, lemma counts, query ids, and a
+                                           fingerprint of input bytes + options
+  DIR/state/<split>/part-0000k.rejects.tsv rejected lines of the chunk (no header)
+  DIR/state/train/part-0000k.lemmas.txt    one line of space-joined lemmas per train record,
+                                           the word2vec corpus
+
+Every file is written under a temporary name and renamed when complete; the sidecar is
+written last, so a shard counts as done only when its sidecar exists, its fingerprint
+matches the current input bytes and options, and the shard has the recorded size. A shard's
+bytes depend only on its chunk's bytes and the options, so a resumed run, another machine or
+another worker count produce the same files.
+"""
+import collections
+import dataclasses
+import functools
+import glob
+import json
+import os
+import time
+import zlib
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from data_prep import geometry, schema, text, tsv
+
+STATE_DIR = "state"
+REJECTS_HEADER = b"line\tfield\treason\tdetail\traw_line\n"
+# Caches normalised queries per process: valid/test repeat each query ~30 times in a row
+# and train repeats many (3M rows, 1.35M distinct queries).
+_QUERY_CACHE_SIZE = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardConfig:
+    """Everything a worker needs besides the chunk (picklable, sent once per worker).
+
+    Attributes:
+      out_dir: the prep output directory.
+      max_boxes: keep at most this many (largest) boxes per product.
+      drop_leading_be: passed to text.normalize_query.
+      gzip: write GZIP-compressed TFRecords.
+      answers: valid answers, query_id -> product ids (empty for other splits).
+      answers_sha256: digest of the answers file, part of valid shards' fingerprint.
+    """
+    out_dir: str
+    max_boxes: int = 32
+    drop_leading_be: bool = True
+    gzip: bool = False
+    answers: Dict[int, FrozenSet[int]] = dataclasses.field(default_factory=dict)
+    answers_sha256: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkTask:
+    """Shard `chunk.index` of `split`, made from a byte range of the TSV file `source`."""
+    split: str
+    source: str
+    chunk: tsv.LineChunk
+
+
+def shard_file(split: str, index: int, gzip: bool) -> str:
+    """Path of shard `index` of `split`, relative to the output directory."""
+    return f"{split}/part-{index:05d}.tfrecord" + (".gz" if gzip else "")
+
+
+def state_file(split: str, index: int, suffix: str) -> str:
+    """Path of a sidecar (suffix "json", "rejects.tsv" or "lemmas.txt"), relative to DIR."""
+    return f"{STATE_DIR}/{split}/part-{index:05d}.{suffix}"
+
+
+def tmp_name(path: str) -> str:
+    """A hidden temporary name beside path, unique to this host and process (two machines
+    sharing DIR never write the same temporary file)."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.tmp-{os.uname().nodename}-{os.getpid()}")
+
+
+def remove_stale_temporaries(out_dir: str, split: str, owns) -> int:
+    """Deletes temporary files left by a killed run for shards `owns(index)` is true of.
+
+    Returns:
+      The number of files removed.
+    """
+    removed = 0
+    for directory in (os.path.join(out_dir, split), os.path.join(out_dir, STATE_DIR, split)):
+        for path in glob.glob(os.path.join(directory, ".part-*.tmp-*")):
+            index = int(os.path.basename(path)[len(".part-"):][:5])
+            if owns(index):
+                os.remove(path)
+                removed += 1
+    return removed
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Writes data to path under a temporary name, then renames it into place."""
+    tmp = tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _fingerprint(task: ChunkTask, config: ShardConfig, data: bytes) -> dict:
+    chunk = task.chunk
+    return {
+        "schema_version": schema.SCHEMA_VERSION,
+        "split": task.split,
+        "max_boxes": config.max_boxes,
+        "drop_leading_be": config.drop_leading_be,
+        "compression": "GZIP" if config.gzip else "",
+        "first_line": chunk.first_line,
+        "num_lines": chunk.num_lines,
+        "input_bytes": len(data),
+        "input_crc32": zlib.crc32(data),
+        "answers_sha256": config.answers_sha256 if task.split == "valid" else "",
+    }
+
+
+def load_sidecar(out_dir: str, split: str, index: int) -> Optional[dict]:
+    """The sidecar of a shard, or None when it is missing or unreadable."""
+    try:
+        with open(os.path.join(out_dir, state_file(split, index, "json")), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(out_dir: str, sidecar: Optional[dict], fingerprint: Optional[dict] = None) -> bool:
+    """Whether a sidecar describes a finished shard whose files are all present.
+
+    Args:
+      out_dir: the output directory.
+      sidecar: from load_sidecar.
+      fingerprint: when given, the sidecar must have been made from these input bytes and
+        options.
+    """
+    if not sidecar or (fingerprint is not None and sidecar.get("fingerprint") != fingerprint):
+        return False
+    try:
+        if os.path.getsize(os.path.join(out_dir, sidecar["file"])) != sidecar["bytes"]:
+            return False
+        return all(os.path.exists(os.path.join(out_dir, p)) for p in sidecar["sidecars"])
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _lemma(token: str) -> str:
+    return text.lemmatize([token])[0]
+
+
+@functools.lru_cache(maxsize=_QUERY_CACHE_SIZE)
+def normalize(query: str, drop_leading_be: bool) -> Tuple[Tuple[str, ...], int]:
+    """text.normalize_query and text.query_key, cached.
+
+    spaCy's lookup lemma of a token depends on the token alone, so lemmas are cached per
+    token too: building a spaCy Doc per query was the largest cost after decoding.
+    A test keeps this equal to text.normalize_query.
+
+    Returns:
+      (lemmas, query key).
+    """
+    lemmas = [_lemma(t) for t in text.tokenize(query)]
+    start = 0
+    while drop_leading_be and start < len(lemmas) and lemmas[start] == text.BE_LEMMA:
+        start += 1
+    lemmas = tuple(lemmas[start:])
+    return lemmas, text.query_key(lemmas)
+
+
+# ---------------------------------------------------------------------------------------
+# Record encoding. Building a tf.train.Example message costs ~100-200 us per row (every
+# feature is a message copied into the map); writing the protobuf wire format directly costs
+# a few us. The output is byte-identical to schema.encode_example (a test checks it), with
+# the map entries in the order that schema.encode_example's protobuf runtime emits them.
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
+def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
+    if 0 < value < 0x200000:  # lengths of box features and lists: 2-3 bytes, no loop
+        if value < 0x4000:
+            return bytes(((value & 0x7F) | 0x80, value >> 7))
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
+    value &= 0xFFFFFFFFFFFFFFFF  # int64 two's complement, as protobuf encodes negatives
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _len_field(tag: bytes, payload: bytes) -> bytes:
+    return tag + _varint(len(payload)) + payload
+
+
+# Tags of the length-delimited fields used: field 1 (0x0A) is Example.features,
+# Features.feature entries, an entry's key, and every *List.value; field 2 (0x12) is an
+# entry's value and Feature.float_list; field 3 (0x1A) is Feature.int64_list; Feature.bytes_list
+# is field 1.
+_F1, _F2, _F3 = b"\x0a", b"\x12", b"\x1a"
+
+
+def _int64_scalar(value: int) -> bytes:
+    packed = _varint(value)
+    return b"".join([_F3, _ONE_BYTE[len(packed) + 2], _F1, _ONE_BYTE[len(packed)], packed])
+
+
+def _int64_feature(values: Sequence[int]) -> bytes:
+    packed = b"".join([_varint(v) for v in values])
+    return _len_field(_F3, _len_field(_F1, packed) if packed else b"")
+
+
+def _small_int64_feature(values: np.ndarray) -> bytes:
+    values = values.tolist()
+    # Class ids 0..32 are one varint byte each.
+    if values and 0 <= min(values) and max(values) < 0x80:
+        packed = bytes(values)
+        return _len_field(_F3, _len_field(_F1, packed))
+    return _int64_feature(values)
+
+
+def _float_feature(values: np.ndarray) -> bytes:
+    packed = np.ascontiguousarray(values, "<f4").tobytes()
+    return _len_field(_F2, _len_field(_F1, packed) if packed else b"")
+
+
+def _bytes_feature(values: Sequence[bytes]) -> List[bytes]:
+    """Feature.bytes_list as pieces (bytes or byte memoryviews)."""
+    # Returned as pieces: the 32 KB of box features are copied once, by the final join.
+    pieces = []
+    for v in values:
+        pieces += [_F1, _varint(len(v)), v]
+    size = sum(map(len, pieces))
+    return [_F1, _varint(size)] + pieces
+
+
+def _read_varint(data: bytes, pos: int) -> Tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+@functools.lru_cache(maxsize=1)
+def _key_order() -> Tuple[str, ...]:
+    """The feature keys in the order schema.encode_example serialises its feature map."""
+    n = 1
+    data = schema.encode_example(0, 0, 1, 1, "q", ["q"], 0, np.zeros((n, schema.BOX_COORDS)),
+                                 np.zeros((n, schema.GEOMETRY_DIM)),
+                                 np.zeros((n, schema.FEATURE_DIM)), np.zeros(n, np.int64))
+    _, pos = _read_varint(data, 1)  # Example.features
+    keys = []
+    while pos < len(data):  # Features.feature map entries: key (field 1), value (field 2)
+        entry_len, pos = _read_varint(data, pos + 1)
+        key_len, key_pos = _read_varint(data, pos + 1)
+        keys.append(data[key_pos:key_pos + key_len].decode("utf-8"))
+        pos += entry_len
+    return tuple(keys)
+
+
+@functools.lru_cache(maxsize=1)
+def _entry_heads() -> Tuple[Tuple[str, bytes], ...]:
+    """(key, serialised map-entry key field) in schema.encode_example's order."""
+    return tuple((key, _len_field(_F1, key.encode("utf-8"))) for key in _key_order())
+
+
+def encode_record(product_id: int, query_id: int, image_h: int, image_w: int, query: str,
+                  query_lemmas: Sequence[str], query_key: int, boxes: np.ndarray,
+                  box_geometry: np.ndarray, box_features: np.ndarray, box_labels: np.ndarray,
+                  label: Optional[int] = None) -> bytes:
+    """schema.encode_example, byte for byte, written directly in the protobuf wire format.
+
+    Args and returns as schema.encode_example (boxes [N, 4], box_geometry [N, G],
+    box_features [N, F] float32, box_labels [N]).
+    """
+    n = int(boxes.shape[0])
+    if box_geometry.shape != (n, schema.GEOMETRY_DIM) or \
+            box_features.shape != (n, schema.FEATURE_DIM) or np.shape(box_labels) != (n,):
+        raise ValueError(
+            f"inconsistent box arrays: boxes {boxes.shape}, geometry {box_geometry.shape}, "
+            f"features {box_features.shape}, labels {np.shape(box_labels)}")
+    features = {
+        schema.PRODUCT_ID: _int64_scalar(int(product_id)),
+        schema.QUERY_ID: _int64_scalar(int(query_id)),
+        schema.IMAGE_H: _int64_scalar(int(image_h)),
+        schema.IMAGE_W: _int64_scalar(int(image_w)),
+        schema.NUM_BOXES: _int64_scalar(n),
+        schema.QUERY: _bytes_feature([query.encode("utf-8")]),
+        schema.QUERY_LEMMAS: _bytes_feature([t.encode("utf-8") for t in query_lemmas]),
+        schema.QUERY_KEY: _int64_scalar(int(query_key)),
+        schema.BOXES: _float_feature(boxes),
+        schema.BOX_GEOMETRY: _float_feature(box_geometry),
+        # A uint8 view, not a copy: the final join copies the 32 KB once.
+        schema.BOX_FEATURES: _bytes_feature([np.ascontiguousarray(box_features, "<f4")
+                                             .reshape(-1).view(np.uint8)]),
+        schema.BOX_LABELS: _small_int64_feature(np.asarray(box_labels, np.int64)),
+        schema.LABEL: _int64_scalar(schema.UNKNOWN_LABEL if label is None else int(label)),
+    }
+    heads = _entry_heads()
+    if len(heads) != len(features):  # schema.encode_example gained or lost a feature
+        raise AssertionError(f"schema.encode_example writes {[k for k, _ in heads]}, "
+                             f"encode_record {sorted(features)}")
+    pieces = []
+    for key, head in heads:
+        feature = features[key]
+        if isinstance(feature, bytes):
+            size = len(feature)
+            feature = (feature,)
+        else:
+            size = sum(map(len, feature))
+        value_len = _varint(size)
+        pieces += [_F1, _varint(len(head) + 1 + len(value_len) + size), head, _F2, value_len]
+        pieces += feature
+    return b"".join([_F1, _varint(sum(map(len, pieces)))] + pieces)
+
+
+def warm_up() -> None:
+    """Loads TensorFlow and the lemmatizer, so that timing and workers start warm."""
+    import tensorflow as tf  # noqa: F401  (the import is the point)
+
+    text.normalize_query("warm up")
+
+
+def _reject_line(line_no: int, error: tsv.RowError, raw: bytes) -> bytes:
+    detail = " ".join(error.detail.split())  # no tabs/newlines inside the detail column
+    return f"{line_no}\t{error.field}\t{error.reason}\t{detail}\t".encode("utf-8") + raw + b"\n"
+
+
+def _label(split: str, row: tsv.Row, answers: Dict[int, FrozenSet[int]]) -> Optional[int]:
+    if split == "train":
+        return 1  # every train row is a positive (query, product) pair
+    if split == "valid":
+        return int(row.product_id in answers.get(row.query_id, ()))
+    return None
+
+
+def _line_spans(data: bytes) -> List[Tuple[int, int]]:
+    """(start, end) of each line of data, "\n" excluded (no copies of the ~40 KB lines)."""
+    spans, start = [], 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        if end < 0:
+            end = len(data)  # the file's last line has no newline
+        spans.append((start, end))
+        start = end + 1
+    return spans
+
+
+def process_chunk(task: ChunkTask, config: ShardConfig) -> dict:
+    """Turns one chunk of TSV lines into its shard and sidecars (or reuses a finished one).
+
+    Args:
+      task: the split, source file and chunk.
+      config: the shard options.
+    Returns:
+      The shard's sidecar dict, plus "skipped": True when a finished shard was reused.
+    """
+    import tensorflow as tf
+
+    chunk = task.chunk
+    with open(task.source, "rb") as f:
+        f.seek(chunk.offset)
+        data = f.read(chunk.length)
+    fingerprint = _fingerprint(task, config, data)
+    old = load_sidecar(config.out_dir, task.split, chunk.index)
+    if is_complete(config.out_dir, old, fingerprint):
+        return dict(old, skipped=True)
+
+    rel = shard_file(task.split, chunk.index, config.gzip)
+    path = os.path.join(config.out_dir, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.join(config.out_dir, STATE_DIR, task.split), exist_ok=True)
+    ungrouped = dict(chunk.ungrouped)
+    reasons: Dict[str, int] = collections.Counter()
+    rejects: List[bytes] = []
+    corpus: List[str] = []
+    lemma_counts: Dict[str, int] = collections.Counter()
+    queries: Dict[int, None] = {}   # ordered set of query ids with kept rows
+    positives: List[List[int]] = []
+    rows = capped = 0
+    spans = _line_spans(data)
+    if len(spans) != chunk.num_lines:
+        raise RuntimeError(f"{task.source}: lines {chunk.first_line}.. changed while prep ran "
+                           f"({len(spans)} lines where {chunk.num_lines} were)")
+    tmp = tmp_name(path)
+    options = tf.io.TFRecordOptions(compression_type="GZIP" if config.gzip else "")
+    with tf.io.TFRecordWriter(tmp, options) as writer:
+        for line_no, (start, end) in enumerate(spans, chunk.first_line):
+            try:
+                if line_no in ungrouped:
+                    raise tsv.RowError("query_id", "query_not_grouped", ungrouped[line_no])
+                row = tsv.parse_row(data, start, end - 1 if data[end - 1:end] == b"\r" else end)
+                lemmas, key = normalize(row.query, config.drop_leading_be)
+                if not lemmas:
+                    raise tsv.RowError("query", "empty_query",
+                                       f"{row.query[:60]!r} has no tokens after normalisation")
+            except tsv.RowError as e:
+                reasons[e.reason] += 1
+                rejects.append(_reject_line(line_no, e, data[start:end]))
+                continue
+            boxes, features, labels = row.boxes, row.features, row.labels
+            if len(boxes) > config.max_boxes:
+                keep = geometry.largest_box_indices(boxes, config.max_boxes)
+                boxes, features, labels = boxes[keep], features[keep], labels[keep]
+                capped += 1
+            label = _label(task.split, row, config.answers)
+            writer.write(encode_record(
+                product_id=row.product_id, query_id=row.query_id, image_h=row.image_h,
+                image_w=row.image_w, query=row.query, query_lemmas=lemmas, query_key=key,
+                boxes=boxes, box_geometry=geometry.relative_geometry(boxes, row.image_h,
+                                                                     row.image_w),
+                box_features=features, box_labels=labels, label=label))
+            rows += 1
+            queries[row.query_id] = None
+            if label == 1 and task.split == "valid":
+                positives.append([row.query_id, row.product_id])
+            if task.split == "train":
+                corpus.append(" ".join(lemmas) + "\n")
+                lemma_counts.update(lemmas)
+    os.replace(tmp, path)
+
+    sidecars = [state_file(task.split, chunk.index, "rejects.tsv")]
+    write_atomic(os.path.join(config.out_dir, sidecars[0]), b"".join(rejects))
+    if task.split == "train":
+        sidecars.append(state_file(task.split, chunk.index, "lemmas.txt"))
+        write_atomic(os.path.join(config.out_dir, sidecars[1]),
+                      "".join(corpus).encode("utf-8"))
+    sidecar = {
+        "file": rel,
+        "bytes": os.path.getsize(path),
+        "index": chunk.index,
+        "rows": rows,
+        "rejected": sum(reasons.values()),
+        "reject_reasons": dict(sorted(reasons.items())),
+        "capped": capped,
+        "queries": list(queries) if task.split != "train" else [],
+        "positives": positives,
+        "lemma_counts": dict(sorted(lemma_counts.items())),
+        "sidecars": sidecars,
+        "fingerprint": fingerprint,
+    }
+    write_atomic(os.path.join(config.out_dir, state_file(task.split, chunk.index, "json")),
+                  json.dumps(sidecar, sort_keys=True).encode("utf-8"))
+    return dict(sidecar, skipped=False)
+
+
+# Pool plumbing: the config is sent once per worker, not once per task.
+_WORKER_CONFIG: Optional[ShardConfig] = None
+
+
+def init_worker(config: ShardConfig, barrier=None) -> None:
+    """multiprocessing.Pool initializer: stores the config, warms up, waits at `barrier`."""
+    global _WORKER_CONFIG
+    _WORKER_CONFIG = config
+    warm_up()
+    if barrier is not None:
+        barrier.wait()
+
+
+def process_chunk_timed(task: ChunkTask, config: ShardConfig) -> dict:
+    """process_chunk, adding "cpu_s": the CPU seconds it took in this process."""
+    start = time.process_time()
+    result = process_chunk(task, config)
+    return dict(result, cpu_s=time.process_time() - start)
+
+
+def process_chunk_in_worker(task: ChunkTask) -> dict:
+    """process_chunk_timed with the config given to init_worker."""
+    return process_chunk_timed(task, _WORKER_CONFIG)

@@ -1,0 +1,67 @@
+"""merge.py: prep split over 2 "machines", merged, equals a one-machine run."""
+import os
+
+import pytest
+
+from data_prep import merge, prep
+import tsv_fixtures as fx
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tsv")
+    train = [fx.line(r) for r in fx.train_rows(31, 17)]
+    train[4] = fx.with_field(train[4], "num_boxes", "x")
+    valid_rows = fx.grouped_rows(32, num_queries=4, per_query=3)
+    return {
+        "train": fx.write_tsv(str(d / "train.tsv"), train),
+        "valid": fx.write_tsv(str(d / "valid.tsv"), [fx.line(r) for r in valid_rows]),
+        "answers": fx.write_answers(str(d / "ans.json"), fx.answers_for(valid_rows)),
+    }
+
+
+def _args(inputs, out, *extra):
+    return ["--out", str(out), "--train", inputs["train"], "--valid", inputs["valid"],
+            "--valid-answers", inputs["answers"], "--rows-per-shard", "4", "--embedding-dim",
+            "6", "--min-count", "2", "--no-progress", *extra]
+
+
+def _without_paths(manifest):
+    for entry in manifest["splits"].values():
+        entry.pop("source")
+    return manifest
+
+
+def test_two_machines_merged_equal_one_machine(inputs, tmp_path):
+    assert prep.main(_args(inputs, tmp_path / "one")) == 0
+    for i in range(2):
+        assert prep.main(_args(inputs, tmp_path / f"m{i}", "--shard-index", str(i),
+                               "--num-shards", "2")) == 0
+        assert not (tmp_path / f"m{i}" / "manifest.json").exists()
+        assert not (tmp_path / f"m{i}" / "vocab.tsv").exists()
+    # machine 0 did train shards 0, 2, 4 only
+    assert sorted(os.listdir(tmp_path / "m0" / "train")) == \
+        [f"part-{k:05d}.tfrecord" for k in (0, 2, 4)]
+    assert merge.main(["--out", str(tmp_path / "merged"), str(tmp_path / "m0"),
+                       str(tmp_path / "m1")]) == 0
+    one, merged = tmp_path / "one", tmp_path / "merged"
+    assert fx.read_dir_bytes(str(merged)) == fx.read_dir_bytes(str(one))
+    for name in ("vocab.tsv", "word2vec.npy", "rejects/train.tsv", "rejects/valid.tsv"):
+        assert (merged / name).read_bytes() == (one / name).read_bytes(), name
+    m_one = _without_paths(prep.load_manifest(str(one)))
+    m_merged = _without_paths(prep.load_manifest(str(merged)))
+    assert m_merged == m_one and m_one["splits"]["train"]["rejected"] == 1
+
+
+def test_merge_into_a_part_directory_and_missing_machine_error(inputs, tmp_path, capsys):
+    for i in range(3):
+        assert prep.main(_args(inputs, tmp_path / f"m{i}", "--shard-index", str(i),
+                               "--num-shards", "3")) == 0
+    parts = [str(tmp_path / f"m{i}") for i in range(3)]
+    assert merge.main(["--out", parts[0], parts[0], parts[2]]) == 1
+    assert "missing the output of machine(s) [1] of 3" in capsys.readouterr().err
+    assert merge.main(["--out", parts[0], *parts]) == 0
+    m = prep.load_manifest(parts[0])
+    assert [s["file"] for s in m["splits"]["train"]["shards"]] == \
+        [f"train/part-{k:05d}.tfrecord" for k in range(5)]  # 18 lines / 4
+    assert prep.split_files(parts[0], "valid")

@@ -1,0 +1,98 @@
+"""tsv.py: header checks, chunking, and the validation of every field of a row."""
+import numpy as np
+import pytest
+
+from data_prep import schema, tsv
+import tsv_fixtures as fx
+
+
+def test_parse_row_returns_the_encoded_values():
+    rng = np.random.default_rng(3)
+    row = fx.random_row(rng, 101, 7, query='women\'s "new" dress, 3/4 & more', num_boxes=5,
+                        image_h=338, image_w=209)
+    got = tsv.parse_row(fx.line(row).encode("utf-8"))
+    assert (got.product_id, got.query_id, got.image_h, got.image_w) == (101, 7, 338, 209)
+    assert got.query == row["query"]  # quotes are ordinary characters (QUOTE_NONE)
+    np.testing.assert_array_equal(got.boxes, row["boxes"])
+    np.testing.assert_array_equal(got.features, row["features"])
+    np.testing.assert_array_equal(got.labels, row["class_labels"])
+    assert got.features.shape == (5, schema.FEATURE_DIM) and got.labels.dtype == np.int64
+
+
+def test_boxes_overshooting_within_tolerance_are_clipped():
+    rng = np.random.default_rng(4)
+    row = fx.random_row(rng, 1, 1, num_boxes=1, image_h=80, image_w=61)
+    row["boxes"] = np.array([[-3.0, 2.0, 83.0, 64.0]], np.float32)  # 3 px over on 3 sides
+    got = tsv.parse_row(fx.line(row).encode())
+    np.testing.assert_array_equal(got.boxes, [[0.0, 2.0, 80.0, 61.0]])
+
+
+@pytest.mark.parametrize("case", range(len(fx.malformed_lines(np.random.default_rng(0)))))
+def test_every_malformed_row_is_rejected_with_field_and_reason(case):
+    line, field, reason = fx.malformed_lines(np.random.default_rng(0))[case]
+    with pytest.raises(tsv.RowError) as info:
+        tsv.parse_row(line.encode("utf-8"))
+    assert (info.value.field, info.value.reason) == (field, reason), info.value.detail
+
+
+def test_query_that_is_not_utf8_is_rejected():
+    line = fx.line(fx.random_row(np.random.default_rng(5), 1, 1, query="silk scarf"))
+    raw = line.encode().replace(b"silk", b"s\xffk")
+    with pytest.raises(tsv.RowError) as info:
+        tsv.parse_row(raw)
+    assert (info.value.field, info.value.reason) == ("query", "encoding")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "file is empty"),
+    (tsv.HEADER_LINE + "\n", "no data rows"),
+    ("product_id\timage_h\tnum_boxes\n", "header column 3 is 'num_boxes', expected 'image_w'"),
+    (tsv.HEADER_LINE.replace("\tquery_id", "") + "\n", "'query_id' is missing"),
+    ("1\t2\t3\n", "no header line"),
+])
+def test_file_level_errors_name_the_file_and_column(tmp_path, content, message):
+    path = tmp_path / "valid.tsv"
+    path.write_text(content)
+    with pytest.raises(tsv.TsvFormatError) as info:
+        list(tsv.iter_chunks(str(path), 10, group_by_query=True))
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def _chunk_lines(path, chunks):
+    data = open(path, "rb").read()
+    return [data[c.offset:c.offset + c.length].split(b"\n")[:-1] for c in chunks]
+
+
+def test_train_chunks_are_fixed_runs_of_lines(tmp_path):
+    lines = [fx.line(r) for r in fx.train_rows(1, 11)]
+    path = fx.write_tsv(str(tmp_path / "train.tsv"), lines)
+    chunks = list(tsv.iter_chunks(path, 4, group_by_query=False))
+    assert [(c.index, c.first_line, c.num_lines) for c in chunks] == \
+        [(0, 2, 4), (1, 6, 4), (2, 10, 3)]
+    got = [l.decode() for part in _chunk_lines(path, chunks) for l in part]
+    assert got == lines
+
+
+def test_grouped_chunks_break_only_between_queries(tmp_path):
+    rows = fx.grouped_rows(2, num_queries=5, per_query=3)
+    lines = [fx.line(r) for r in rows]
+    lines.insert(4, "garbage line")  # unreadable query_id: never starts a chunk
+    path = fx.write_tsv(str(tmp_path / "valid.tsv"), lines)
+    chunks = list(tsv.iter_chunks(path, 4, group_by_query=True))
+    # 4 rows reached inside query 2 -> the chunk ends after it: [q0 q1(+garbage)], ...
+    assert [c.num_lines for c in chunks] == [7, 6, 3]
+    seen = []
+    for part in _chunk_lines(path, chunks):
+        qids = {l.rsplit(b"\t", 1)[1] for l in part if l != b"garbage line"}
+        assert not qids & set(seen)
+        seen += qids
+
+
+def test_a_query_reappearing_later_is_flagged(tmp_path):
+    rows = fx.grouped_rows(3, num_queries=3, per_query=2)
+    rows.append(dict(rows[0], product_id=1))  # query 0 again, after queries 1 and 2
+    path = fx.write_tsv(str(tmp_path / "test.tsv"), [fx.line(r) for r in rows])
+    chunks = list(tsv.iter_chunks(path, 100, group_by_query=True))
+    assert len(chunks) == 1
+    (line_no, detail), = chunks[0].ungrouped
+    assert line_no == 8 and "first seen at line 2" in detail

@@ -1,0 +1,167 @@
+"""write.py: the record encoder, one chunk -> one shard + sidecars, rejects and resume."""
+import os
+
+import numpy as np
+import pytest
+
+from data_prep import geometry, schema, text, tsv, write
+import tsv_fixtures as fx
+
+
+@pytest.mark.parametrize("num_boxes, label", [(1, 1), (5, 0), (0, None), (3, None)])
+def test_encode_record_equals_schema_encode_example_byte_for_byte(num_boxes, label):
+    rng = np.random.default_rng(num_boxes)
+    args = dict(product_id=2 ** 40 + 3, query_id=7, image_h=800, image_w=600,
+                query='"silk" scarf é', query_lemmas=["silk", "scarf", "é"] if num_boxes else [],
+                query_key=2 ** 62 + 5, boxes=rng.random((num_boxes, 4), dtype=np.float32),
+                box_geometry=rng.random((num_boxes, 6), dtype=np.float32),
+                box_features=rng.random((num_boxes, schema.FEATURE_DIM), dtype=np.float32),
+                box_labels=rng.integers(0, 33, num_boxes) if num_boxes != 3 else
+                np.array([0, -2, 300]), label=label)
+    assert write.encode_record(**args) == schema.encode_example(**args)
+
+
+def _run_chunk(tmp_path, split, lines, config=None, rows_per_chunk=1000):
+    path = fx.write_tsv(str(tmp_path / f"{split}.tsv"), lines)
+    config = config or write.ShardConfig(out_dir=str(tmp_path / "out"))
+    chunk, = tsv.iter_chunks(path, rows_per_chunk, group_by_query=split != "train")
+    return write.process_chunk(write.ChunkTask(split, path, chunk), config), config
+
+
+def _parse(path, compression=""):
+    import tensorflow as tf
+
+    spec = schema.tfrecord_feature_spec()
+    return [{k: v.numpy() for k, v in tf.io.parse_single_example(r, spec).items()}
+            for r in tf.data.TFRecordDataset(path, compression_type=compression)]
+
+
+def test_round_trip_tsv_to_parsed_tensors(tmp_path):
+    rng = np.random.default_rng(11)
+    rows = [fx.random_row(rng, 103_000_000 + i, 42, query="Is children's DRESSES",
+                          num_boxes=n, image_h=338, image_w=209) for i, n in enumerate([1, 4, 2])]
+    answers = {42: frozenset({103_000_001})}
+    config = write.ShardConfig(out_dir=str(tmp_path / "out"), answers=answers)
+    sidecar, _ = _run_chunk(tmp_path, "valid", [fx.line(r) for r in rows], config)
+    assert sidecar["rows"] == 3 and sidecar["rejected"] == 0
+    parsed = _parse(os.path.join(config.out_dir, sidecar["file"]))
+    lemmas = ["child", "s", "dress"]  # "is" dropped, plural and case normalised
+    for row, got, label in zip(rows, parsed, [0, 1, 0]):
+        n = len(row["boxes"])
+        assert got[schema.PRODUCT_ID] == row["product_id"] and got[schema.QUERY_ID] == 42
+        assert (got[schema.IMAGE_H], got[schema.IMAGE_W], got[schema.NUM_BOXES]) == (338, 209, n)
+        assert got[schema.QUERY].decode() == row["query"]
+        assert [t.decode() for t in got[schema.QUERY_LEMMAS]] == lemmas
+        assert got[schema.QUERY_KEY] == text.query_key(lemmas)
+        np.testing.assert_array_equal(got[schema.BOXES].reshape(n, 4), row["boxes"])
+        np.testing.assert_array_equal(
+            got[schema.BOX_GEOMETRY].reshape(n, schema.GEOMETRY_DIM),
+            geometry.relative_geometry(row["boxes"], 338, 209))
+        np.testing.assert_array_equal(
+            np.frombuffer(got[schema.BOX_FEATURES], "<f4").reshape(n, schema.FEATURE_DIM),
+            row["features"])
+        np.testing.assert_array_equal(got[schema.BOX_LABELS], row["class_labels"])
+        assert got[schema.LABEL] == label
+    assert sidecar["positives"] == [[42, 103_000_001]] and sidecar["queries"] == [42]
+
+
+def test_bad_rows_are_rejected_with_line_and_reason_and_good_rows_kept(tmp_path):
+    rng = np.random.default_rng(12)
+    bad = fx.malformed_lines(rng)
+    bad.append((fx.line(fx.random_row(rng, 5, 5, query="is ,, !")), "query", "empty_query"))
+    good = [fx.line(r) for r in fx.train_rows(13, len(bad) + 1)]
+    lines = [x for pair in zip(good, [b[0] for b in bad]) for x in pair] + [good[-1]]
+    sidecar, config = _run_chunk(tmp_path, "train", lines)
+    assert sidecar["rows"] == len(good) and sidecar["rejected"] == len(bad)
+    reasons = {}
+    for _, _, reason in bad:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    assert sidecar["reject_reasons"] == reasons
+    rejects = open(os.path.join(config.out_dir, sidecar["sidecars"][0]), "rb").read()
+    got = [r.split(b"\t", 4) for r in rejects.split(b"\n")[:-1]]
+    # bad line i sits at file line 2 (header is line 1) + 2 * i + 1
+    assert [int(g[0]) for g in got] == [3 + 2 * i for i in range(len(bad))]
+    assert [(g[1].decode(), g[2].decode()) for g in got] == [(f, r) for _, f, r in bad]
+    assert [g[4].decode() for g in got] == [b[0] for b in bad]  # the raw line, unchanged
+    ids = [p[schema.PRODUCT_ID] for p in _parse(os.path.join(config.out_dir, sidecar["file"]))]
+    assert ids == [int(g.split("\t")[0]) for g in good]
+    corpus = open(os.path.join(config.out_dir, sidecar["sidecars"][1])).read().splitlines()
+    assert len(corpus) == len(good)
+
+
+def test_boxes_beyond_the_cap_keep_the_largest(tmp_path):
+    rng = np.random.default_rng(14)
+    row = fx.random_row(rng, 9, 9, num_boxes=5)
+    row["boxes"] = np.array([[0, 0, 10, 10], [0, 0, 2, 2], [0, 0, 30, 30], [0, 0, 20, 20],
+                             [0, 0, 1, 1]], np.float32)
+    small = fx.random_row(rng, 10, 9, num_boxes=2)
+    config = write.ShardConfig(out_dir=str(tmp_path / "out"), max_boxes=3, gzip=True)
+    sidecar, _ = _run_chunk(tmp_path, "test", [fx.line(row), fx.line(small)], config)
+    assert sidecar["capped"] == 1 and sidecar["file"].endswith(".tfrecord.gz")
+    got = _parse(os.path.join(config.out_dir, sidecar["file"]), "GZIP")
+    keep = [0, 2, 3]  # areas 100, 900, 400 are the 3 largest, in original order
+    np.testing.assert_array_equal(got[0][schema.BOXES].reshape(-1, 4), row["boxes"][keep])
+    np.testing.assert_array_equal(
+        np.frombuffer(got[0][schema.BOX_FEATURES], "<f4").reshape(3, -1), row["features"][keep])
+    np.testing.assert_array_equal(got[0][schema.BOX_LABELS], row["class_labels"][keep])
+    assert got[0][schema.LABEL] == schema.UNKNOWN_LABEL and got[1][schema.NUM_BOXES] == 2
+
+
+def test_finished_shard_is_reused_only_while_its_fingerprint_and_size_match(tmp_path):
+    lines = [fx.line(r) for r in fx.train_rows(15, 4)]
+    first, config = _run_chunk(tmp_path, "train", lines)
+    assert not first["skipped"]
+    again, _ = _run_chunk(tmp_path, "train", lines, config)
+    assert again["skipped"]
+    changed, _ = _run_chunk(tmp_path, "train", lines,
+                            write.ShardConfig(out_dir=config.out_dir, max_boxes=2))
+    assert not changed["skipped"]  # other options: rewritten
+    shard = os.path.join(config.out_dir, changed["file"])
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    repaired, _ = _run_chunk(tmp_path, "train", lines,
+                             write.ShardConfig(out_dir=config.out_dir, max_boxes=2))
+    assert not repaired["skipped"] and os.path.getsize(shard) == changed["bytes"]
+
+
+def test_stale_temporaries_of_owned_shards_are_removed(tmp_path):
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    for k in range(3):
+        (out / "train" / f".part-{k:05d}.tfrecord.tmp-host-1").write_bytes(b"x")
+    assert write.remove_stale_temporaries(str(out), "train", lambda k: k % 2 == 0) == 2
+    assert os.listdir(out / "train") == [".part-00001.tfrecord.tmp-host-1"]
+
+
+def test_cached_normalize_equals_text_normalize_query():
+    queries = ["Is are the dress is red", "is are", "children's KNIVES, mice & dresses",
+               "BE quick", '"new" autumn/winter jacket', "", "ms. western-style shirts"]
+    rng = np.random.default_rng(16)
+    queries += [" ".join(rng.choice(fx.WORDS + ("is", "are", "Was"), 4)) for _ in range(50)]
+    for query in queries:
+        for drop in (True, False):
+            lemmas, key = write.normalize(query, drop)
+            assert list(lemmas) == text.normalize_query(query, drop_leading_be=drop), query
+            assert key == text.query_key(lemmas)
+
+
+@pytest.mark.parametrize("value, encoded", [
+    (0, b"\x00"), (127, b"\x7f"), (128, b"\x80\x01"), (300, b"\xac\x02"),
+    (16384, b"\x80\x80\x01"), (2 ** 21, b"\x80\x80\x80\x01"),
+    (-1, b"\xff" * 9 + b"\x01"),  # int64 -1: ten bytes, as protobuf writes it
+])
+def test_varint_by_hand(value, encoded):
+    assert write._varint(value) == encoded
+
+
+def test_crlf_lines_and_a_missing_final_newline_give_the_same_records(tmp_path):
+    lines = [fx.line(r) for r in fx.train_rows(17, 3)]
+    lf, _ = _run_chunk(tmp_path, "train", lines)
+    crlf_path = tmp_path / "crlf.tsv"
+    crlf_path.write_bytes(("\r\n".join([tsv.HEADER_LINE] + lines)).encode())  # no final EOL
+    config = write.ShardConfig(out_dir=str(tmp_path / "crlf_out"))
+    chunk, = tsv.iter_chunks(str(crlf_path), 10, group_by_query=False)
+    crlf = write.process_chunk(write.ChunkTask("train", str(crlf_path), chunk), config)
+    assert (crlf["rows"], crlf["rejected"]) == (3, 0)
+    assert open(os.path.join(config.out_dir, crlf["file"]), "rb").read() == \
+        open(os.path.join(str(tmp_path / "out"), lf["file"]), "rb").read()
