@@ -1,0 +1,304 @@
+"""In-graph product preprocessing: the competition's raw fields -> the model's box inputs.
+
+Mirrors what prep does to a TSV row (base64 decoding, validation, clipping to the image with
+`geometry.CLIP_TOLERANCE_PX`, the cap to the `max_boxes` largest boxes in original order,
+`geometry.relative_geometry`), with core TensorFlow ops only, batched.
+
+Two entry points:
+  * `decode_b64_products`: base64 strings as they appear in the TSV (standard alphabet,
+    '=' padding), one product per row. `tf.io.decode_raw` needs equal lengths across a
+    batch, so rows are decoded with `fixed_length` = the longest row's byte count (the op
+    zero-fills shorter rows) after their lengths have been checked against `num_boxes`.
+  * `process_dense_products`: padded float tensors for clients that hold features in memory.
+
+Every bad request fails with InvalidArgument whose message starts with the offending request
+field (`boxes: ...`, `features: ...`), never a crash or a silent garbage score.
+
+Dimension legend: B products, N boxes, F feature width (2048), G geometry width (6).
+"""
+from typing import Dict, NamedTuple
+
+import tensorflow as tf
+
+from data_prep import geometry
+from data_prep import schema
+
+# Request field names (the TSV column names, so a TSV row can be sent as is).
+BOXES_FIELD = "boxes"
+FEATURES_FIELD = "features"
+LABELS_FIELD = "class_labels"
+NUM_BOXES_FIELD = "num_boxes"
+IMAGE_H_FIELD = "image_h"
+IMAGE_W_FIELD = "image_w"
+# Dense variant: `features` holds float32 [B, N, F] instead of base64 text.
+
+_B64_PATTERN = "[A-Za-z0-9+/]*={0,2}"
+_BOX_BYTES = schema.BOX_COORDS * schema.TSV_BOXES_DTYPE.itemsize          # 16
+_FEATURE_BYTES = schema.FEATURE_DIM * schema.TSV_FEATURES_DTYPE.itemsize  # 8192
+_LABEL_BYTES = schema.TSV_LABELS_DTYPE.itemsize                          # 8
+
+
+class Products(NamedTuple):
+    """Model-ready box inputs (see schema.F_*)."""
+    box_features: tf.Tensor  # float32 [B, N, F], zero past num_boxes
+    box_geometry: tf.Tensor  # float32 [B, N, G], zero past num_boxes
+    box_labels: tf.Tensor    # int32 [B, N], zero past num_boxes
+    num_boxes: tf.Tensor     # int32 [B], in [1, max_boxes]
+    boxes: tf.Tensor         # float32 [B, N, 4] clipped pixel boxes, zero past num_boxes
+
+
+def _with_checks(checks, tensors):
+    with tf.control_dependencies(checks):
+        return [tf.identity(t) for t in tensors]
+
+
+def _decode_b64(strings: tf.Tensor, num_boxes: tf.Tensor, bytes_per_box: int, field: str):
+    """Base64 text or raw bytes [B] -> (raw little-endian bytes [B], check op).
+
+    A row that is well-formed standard base64 text (as in the TSV) is decoded; any other row
+    is taken as the raw bytes themselves (what TF Serving's REST API feeds for a
+    `{"b64": ...}` JSON value, or what a gRPC client may send) and must then be exactly
+    num_boxes x bytes_per_box long. Raw float32/int64 rows practically always hold bytes
+    outside the base64 alphabet (zero bytes, exponent bytes 0x3f/0x40), and a raw row that
+    does not is decoded and then fails the length check: the text reading always wins, so a
+    wrong num_boxes can never turn base64 text into "raw" garbage.
+    Fails naming `field`.
+    """
+    raw_length = tf.cast(num_boxes, tf.int64) * bytes_per_box
+    is_text = tf.logical_and(tf.strings.regex_full_match(strings, _B64_PATTERN),
+                             tf.equal(tf.strings.length(strings) % 4, 0))          # [B]
+    raw_ok = tf.equal(tf.cast(tf.strings.length(strings), tf.int64), raw_length)
+    check = tf.debugging.assert_equal(
+        tf.reduce_all(tf.logical_or(is_text, raw_ok)), True,
+        message=f"{field}: neither standard base64 text (alphabet A-Z a-z 0-9 + /, '=' "
+                f"padding, length a multiple of 4) nor num_boxes x {bytes_per_box} raw bytes")
+    text = tf.where(is_text, strings, tf.fill(tf.shape(strings), ""))
+    with tf.control_dependencies([check]):
+        web_safe = tf.strings.regex_replace(tf.strings.regex_replace(text, r"\+", "-"),
+                                            "/", "_")
+        decoded = tf.io.decode_base64(web_safe)
+        return tf.where(is_text, decoded, strings), check
+
+
+def _check_lengths(decoded: tf.Tensor, num_boxes: tf.Tensor, bytes_per_box: int,
+                   field: str) -> tf.Operation:
+    expected = tf.cast(num_boxes, tf.int64) * bytes_per_box
+    actual = tf.cast(tf.strings.length(decoded), tf.int64)
+    return tf.debugging.assert_equal(
+        actual, expected,
+        message=f"{field}: decoded length (bytes) does not match num_boxes x {bytes_per_box} "
+                f"bytes per box")
+
+
+def _decode_padded(decoded: tf.Tensor, dtype, bytes_per_box: int, max_n: tf.Tensor,
+                   inner_shape) -> tf.Tensor:
+    """Equal-length decode of rows of different lengths: zero-fills up to the longest."""
+    fixed = tf.cast(tf.maximum(max_n, 1) * bytes_per_box, tf.int32)
+    values = tf.io.decode_raw(decoded, dtype, little_endian=True, fixed_length=fixed)
+    return tf.reshape(values, tf.concat([[tf.shape(decoded)[0], tf.maximum(max_n, 1)],
+                                         tf.constant(inner_shape, tf.int32)], axis=0))
+
+
+def _common_checks(num_boxes, image_h, image_w, max_n=None):
+    checks = [
+        tf.debugging.assert_positive(num_boxes, message=f"{NUM_BOXES_FIELD}: must be >= 1"),
+        tf.debugging.assert_positive(image_h, message=f"{IMAGE_H_FIELD}: must be > 0"),
+        tf.debugging.assert_positive(image_w, message=f"{IMAGE_W_FIELD}: must be > 0"),
+    ]
+    if max_n is not None:
+        checks.append(tf.debugging.assert_less_equal(
+            num_boxes, tf.cast(max_n, num_boxes.dtype),
+            message=f"{NUM_BOXES_FIELD}: larger than the padded box dimension of the inputs"))
+    return checks
+
+
+def decode_b64_boxes(boxes: tf.Tensor, features: tf.Tensor, class_labels: tf.Tensor,
+                     num_boxes: tf.Tensor, image_h: tf.Tensor, image_w: tf.Tensor):
+    """Decodes TSV base64 fields into padded arrays, checking them against num_boxes.
+
+    Args:
+      boxes: string [B], base64 of little-endian float32 [num_boxes, 4] pixel
+        top, left, bottom, right.
+      features: string [B], base64 of little-endian float32 [num_boxes, 2048].
+      class_labels: string [B], base64 of little-endian int64 [num_boxes].
+      num_boxes, image_h, image_w: int [B].
+      Each of the three string fields may instead hold the raw little-endian bytes (see
+      _decode_b64), row by row.
+    Returns:
+      (boxes float32 [B, N, 4], features float32 [B, N, F], class_labels int64 [B, N]),
+      N = the batch's largest num_boxes, zero past each row's count.
+    """
+    num_boxes = tf.cast(num_boxes, tf.int32)
+    # Checks run one after the other, in prep's order (data_prep.tsv.parse_row), so a
+    # request with several problems reports the one prep would.
+    checks = _common_checks(num_boxes, image_h, image_w)
+    raw = {}
+    for field, value, width in ((BOXES_FIELD, boxes, _BOX_BYTES),
+                                (FEATURES_FIELD, features, _FEATURE_BYTES),
+                                (LABELS_FIELD, class_labels, _LABEL_BYTES)):
+        with tf.control_dependencies(checks):
+            decoded, b64_check = _decode_b64(value, num_boxes, width, field)
+        with tf.control_dependencies([b64_check]):
+            length_check = _check_lengths(decoded, num_boxes, width, field)
+        raw[field] = decoded
+        checks = [length_check]
+    with tf.control_dependencies(checks):
+        max_n = tf.reduce_max(num_boxes)
+        box_values = _decode_padded(raw[BOXES_FIELD], tf.float32, _BOX_BYTES, max_n,
+                                    [schema.BOX_COORDS])
+        feature_values = _decode_padded(raw[FEATURES_FIELD], tf.float32, _FEATURE_BYTES, max_n,
+                                        [schema.FEATURE_DIM])
+        label_values = _decode_padded(raw[LABELS_FIELD], tf.int64, _LABEL_BYTES, max_n, [])
+    return box_values, feature_values, label_values
+
+
+def decode_b64_products(boxes: tf.Tensor, features: tf.Tensor, class_labels: tf.Tensor,
+                        num_boxes: tf.Tensor, image_h: tf.Tensor, image_w: tf.Tensor,
+                        max_boxes: int, model_max_boxes: int = 0) -> Products:
+    """Decodes and preprocesses products given as TSV fields (see decode_b64_boxes).
+
+    Args:
+      max_boxes: keep the `max_boxes` largest boxes (the prep manifest's cap).
+      model_max_boxes: then keep the first `model_max_boxes` of those, as the training
+        input_fn does when Config.max_boxes is below the prep cap (0 = no second cap).
+    Returns:
+      Products, boxes padded to the batch's largest kept count.
+    """
+    box_values, feature_values, label_values = decode_b64_boxes(
+        boxes, features, class_labels, num_boxes, image_h, image_w)
+    return process_dense_products(box_values, feature_values, label_values, num_boxes,
+                                  image_h, image_w, max_boxes, model_max_boxes)
+
+
+def process_dense_products(boxes: tf.Tensor, features: tf.Tensor, class_labels: tf.Tensor,
+                           num_boxes: tf.Tensor, image_h: tf.Tensor, image_w: tf.Tensor,
+                           max_boxes: int, model_max_boxes: int = 0) -> Products:
+    """Preprocesses padded dense products (values past num_boxes are ignored).
+
+    Args:
+      boxes: float32 [B, N, 4] pixel top, left, bottom, right.
+      features: float32 [B, N, 2048].
+      class_labels: int [B, N].
+      num_boxes, image_h, image_w: int [B].
+      max_boxes, model_max_boxes: as in decode_b64_products.
+    """
+    num_boxes = tf.cast(num_boxes, tf.int32)
+    checks = _common_checks(num_boxes, image_h, image_w, max_n=tf.shape(boxes)[1])
+    checks.append(tf.debugging.assert_equal(
+        tf.shape(features)[1], tf.shape(boxes)[1],
+        message=f"{FEATURES_FIELD}: box dimension differs from {BOXES_FIELD}'s"))
+    checks.append(tf.debugging.assert_equal(
+        tf.shape(class_labels)[1], tf.shape(boxes)[1],
+        message=f"{LABELS_FIELD}: box dimension differs from {BOXES_FIELD}'s"))
+    boxes, features, class_labels = _with_checks(
+        checks, [tf.cast(boxes, tf.float32), tf.cast(features, tf.float32),
+                 tf.cast(class_labels, tf.int64)])
+    return _process(boxes, features, class_labels, num_boxes, image_h, image_w, max_boxes,
+                    model_max_boxes)
+
+
+def _process(boxes, features, labels, num_boxes, image_h, image_w, max_boxes,
+             model_max_boxes=0) -> Products:
+    """Validation, clipping, cap and geometry of padded boxes.
+
+    Args:
+      boxes: float32 [B, N, 4]; features float32 [B, N, F]; labels int64 [B, N];
+      num_boxes int32 [B] (<= N); image_h, image_w int [B].
+    """
+    n_pad = tf.shape(boxes)[1]
+    valid = tf.sequence_mask(num_boxes, n_pad)                             # [B, N]
+    valid4 = tf.broadcast_to(valid[:, :, None], tf.shape(boxes))           # [B, N, 4]
+    h = tf.cast(image_h, tf.float32)[:, None, None]
+    w = tf.cast(image_w, tf.float32)[:, None, None]
+    limits = tf.concat([h, w, h, w], axis=2)                               # [B, 1, 4]
+    tol = geometry.CLIP_TOLERANCE_PX
+    masked_boxes = tf.where(valid4, boxes, tf.zeros_like(boxes))
+    inside = tf.logical_and(masked_boxes >= -tol, masked_boxes <= limits + tol)
+    clipped = tf.clip_by_value(masked_boxes, 0.0, limits)                  # as np.clip, float32
+    top, left, bottom, right = tf.unstack(clipped, axis=2)
+    ordered = tf.logical_or(tf.logical_not(valid),
+                            tf.logical_and(top < bottom, left < right))
+    labels_ok = tf.logical_or(tf.logical_not(valid),
+                              tf.logical_and(labels >= 0, labels < schema.NUM_CLASSES))
+    valid_f = tf.broadcast_to(valid[:, :, None], tf.shape(features))
+    # (condition, message) in prep's order (data_prep.tsv.parse_row); chained below so the
+    # first failing one is reported.
+    conditions = [
+        (tf.logical_or(tf.logical_not(valid4), tf.math.is_finite(boxes)),
+         f"{BOXES_FIELD}: not finite"),
+        (tf.logical_or(tf.logical_not(valid_f), tf.math.is_finite(features)),
+         f"{FEATURES_FIELD}: not finite"),
+        (tf.logical_or(tf.logical_not(valid_f), features >= 0.0),
+         f"{FEATURES_FIELD}: negative value (region features are >= 0)"),
+        (labels_ok, f"{LABELS_FIELD}: class id outside [0, {schema.NUM_CLASSES})"),
+        (tf.logical_or(tf.logical_not(valid4), inside),
+         f"{BOXES_FIELD}: outside the image by more than {geometry.CLIP_TOLERANCE_PX:g} px"),
+        (ordered, f"{BOXES_FIELD}: need top < bottom and left < right (after clipping)"),
+    ]
+    checks = []
+    for condition, message in conditions:
+        with tf.control_dependencies(checks):
+            checks = [tf.debugging.assert_equal(tf.reduce_all(condition), True,
+                                                message=message)]
+    with tf.control_dependencies(checks):
+        clipped = tf.identity(clipped)
+
+    # Cap: the max_boxes largest (pixel area, float64 as numpy) in original order; ties keep
+    # the earlier box (stable sort), padding sorts last.
+    c64 = tf.cast(clipped, tf.float64)
+    area = (c64[:, :, 2] - c64[:, :, 0]) * (c64[:, :, 3] - c64[:, :, 1])  # [B, N]
+    area = tf.where(valid, area, tf.fill(tf.shape(area), tf.constant(-float("inf"), tf.float64)))
+    by_area = tf.argsort(-area, axis=1, stable=True)                      # [B, N]
+    kept_n = tf.minimum(num_boxes, max_boxes)                              # [B]
+    k_pad = tf.minimum(n_pad, max_boxes)
+    top_k = by_area[:, :k_pad]                                             # [B, K]
+    kept = tf.sequence_mask(kept_n, k_pad)                                 # [B, K]
+    # Put the kept indices back in original order; dropped slots sort to the end.
+    index = tf.sort(tf.where(kept, top_k, tf.fill(tf.shape(top_k), n_pad)), axis=1)
+    if model_max_boxes and model_max_boxes < max_boxes:
+        # The training input_fn keeps the first Config.max_boxes of prep's boxes.
+        kept_n = tf.minimum(kept_n, model_max_boxes)
+        k_pad = tf.minimum(k_pad, model_max_boxes)
+        index = index[:, :k_pad]
+        kept = tf.sequence_mask(kept_n, k_pad)
+    index = tf.where(kept, index, tf.zeros_like(index))                    # [B, K]
+
+    kept_boxes = tf.gather(clipped, index, batch_dims=1)                   # [B, K, 4]
+    kept_features = tf.gather(features, index, batch_dims=1)               # [B, K, F]
+    kept_labels = tf.gather(labels, index, batch_dims=1)                   # [B, K]
+    geometry_rows = _relative_geometry(kept_boxes, image_h, image_w)       # [B, K, G]
+
+    keep_f = tf.cast(kept, tf.float32)
+    return Products(
+        box_features=kept_features * keep_f[:, :, None],
+        box_geometry=geometry_rows * keep_f[:, :, None],
+        box_labels=tf.cast(kept_labels, tf.int32) * tf.cast(kept, tf.int32),
+        num_boxes=kept_n,
+        boxes=kept_boxes * keep_f[:, :, None],
+    )
+
+
+def _relative_geometry(boxes: tf.Tensor, image_h: tf.Tensor, image_w: tf.Tensor) -> tf.Tensor:
+    """`geometry.relative_geometry` batched: float32 [B, N, 4] -> float32 [B, N, G].
+
+    Computed in float64 from the float32 boxes, as numpy does, then cast.
+    """
+    b = tf.cast(boxes, tf.float64)
+    top, left, bottom, right = tf.unstack(b, axis=2)
+    h = tf.cast(image_h, tf.float64)[:, None]
+    w = tf.cast(image_w, tf.float64)[:, None]
+    height = tf.maximum(bottom - top, geometry.MIN_SIDE_PX)
+    width = tf.maximum(right - left, geometry.MIN_SIDE_PX)
+    out = tf.stack([top / h, left / w, bottom / h, right / w,
+                    (height * width) / (h * w), tf.math.log(width / height)], axis=2)
+    return tf.cast(out, tf.float32)
+
+
+def products_as_features(products: Products) -> Dict[str, tf.Tensor]:
+    """The schema.F_* model inputs of products."""
+    return {
+        schema.F_BOX_FEATURES: products.box_features,
+        schema.F_BOX_GEOMETRY: products.box_geometry,
+        schema.F_BOX_LABELS: products.box_labels,
+        schema.F_NUM_BOXES: products.num_boxes,
+    }

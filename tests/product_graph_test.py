@@ -1,0 +1,237 @@
+"""export.product_graph equals prep's reading of a TSV row (data_prep.tsv.parse_row, the box
+cap of data_prep.write, data_prep.geometry) and rejects what prep rejects, naming the field."""
+import base64
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_prep import geometry, schema, tsv
+from export import product_graph as pg
+
+MAX_BOXES = 4
+
+
+def _row(rng, n, image_h=800, image_w=600, overshoot=False, ties=False):
+    top = rng.integers(0, image_h // 2, n).astype(np.float32)
+    left = rng.integers(0, image_w // 2, n).astype(np.float32)
+    bottom = top + rng.integers(1, image_h // 2, n)
+    right = left + rng.integers(1, image_w // 2, n)
+    boxes = np.stack([top, left, bottom, right], 1).astype(np.float32)
+    if overshoot:  # within the clip tolerance: clipped, not rejected
+        boxes[0] = [-3, -geometry.CLIP_TOLERANCE_PX, image_h + 2.5, image_w + 4]
+    if ties and n >= 3:  # equal areas: the earlier box wins
+        boxes[1] = [0, 0, 10, 10]
+        boxes[2] = [5, 5, 15, 15]
+    features = rng.random((n, schema.FEATURE_DIM), dtype=np.float32) * 3
+    features[features < 1.0] = 0.0
+    labels = rng.integers(0, schema.NUM_CLASSES, n)
+    return dict(product_id=1, image_h=image_h, image_w=image_w, boxes=boxes,
+                features=features, class_labels=labels, query="red dress", query_id=2)
+
+
+def _parse(line: str):
+    """prep's row reader (it takes the raw bytes of a line; older versions took str)."""
+    try:
+        return tsv.parse_row(line.encode("utf-8"))
+    except TypeError:
+        return tsv.parse_row(line)
+
+
+def _fields(rows):
+    """TSV lines -> request fields (what a client sends: the TSV columns as they are)."""
+    cols = [tsv.encode_row(**r).split("\t") for r in rows]
+    idx = {c: i for i, c in enumerate(schema.TSV_COLUMNS)}
+    out = {c: tf.constant([line[idx[c]] for line in cols]) for c in
+           ("boxes", "features", "class_labels")}
+    out.update({c: tf.constant([int(line[idx[c]]) for line in cols], tf.int64)
+                for c in ("num_boxes", "image_h", "image_w")})
+    return out
+
+
+def _decode(fields, max_boxes=MAX_BOXES, model_max_boxes=0):
+    return pg.decode_b64_products(fields["boxes"], fields["features"], fields["class_labels"],
+                                  fields["num_boxes"], fields["image_h"], fields["image_w"],
+                                  max_boxes, model_max_boxes)
+
+
+def _expected(row, max_boxes=MAX_BOXES, model_max_boxes=0):
+    """What prep stores and the input_fn feeds for this row (numpy reference)."""
+    parsed = _parse(tsv.encode_row(**row))              # validated, boxes clipped
+    keep = geometry.largest_box_indices(parsed.boxes, max_boxes)
+    boxes, feats, labels = parsed.boxes[keep], parsed.features[keep], parsed.labels[keep]
+    if model_max_boxes:
+        boxes, feats, labels = (boxes[:model_max_boxes], feats[:model_max_boxes],
+                                labels[:model_max_boxes])
+    geom = geometry.relative_geometry(boxes, parsed.image_h, parsed.image_w)
+    return boxes, feats, labels, geom
+
+
+def _assert_matches(out, rows, **caps):
+    for i, row in enumerate(rows):
+        boxes, feats, labels, geom = _expected(row, **caps)
+        k = len(boxes)
+        assert int(out.num_boxes[i]) == k
+        np.testing.assert_array_equal(out.boxes[i, :k].numpy(), boxes)
+        np.testing.assert_array_equal(out.box_features[i, :k].numpy(), feats)
+        np.testing.assert_array_equal(out.box_labels[i, :k].numpy(), labels)
+        np.testing.assert_allclose(out.box_geometry[i, :k].numpy(), geom, rtol=0, atol=1e-7)
+        # Padding past the count is zero, as in the input_fn.
+        assert not out.box_features[i, k:].numpy().any()
+        assert not out.box_geometry[i, k:].numpy().any()
+        assert not out.box_labels[i, k:].numpy().any()
+
+
+def test_b64_rows_match_prep_including_cap_clip_and_ties():
+    rng = np.random.default_rng(7)
+    rows = [_row(rng, 1), _row(rng, 7, overshoot=True, ties=True), _row(rng, 3, 338, 209),
+            _row(rng, 5, 80, 61, ties=True), _row(rng, 4, overshoot=True)]
+    out = _decode(_fields(rows))
+    assert out.box_features.shape[1] == MAX_BOXES
+    assert out.box_labels.dtype == tf.int32 and out.num_boxes.dtype == tf.int32
+    _assert_matches(out, rows)
+
+
+def test_ties_keep_the_earlier_box():
+    # Boxes 1 and 2 have equal areas (100 px^2); with a cap of 2 and box 0 the largest,
+    # prep keeps boxes 0 and 1.
+    rng = np.random.default_rng(3)
+    row = _row(rng, 3, ties=True)
+    row["boxes"][0] = [0, 0, 400, 300]
+    out = _decode(_fields([row]), max_boxes=2)
+    np.testing.assert_array_equal(out.boxes[0].numpy(), row["boxes"][:2])
+
+
+def test_model_cap_keeps_the_first_of_preps_boxes():
+    rng = np.random.default_rng(5)
+    rows = [_row(rng, 7, overshoot=True), _row(rng, 2)]
+    out = _decode(_fields(rows), max_boxes=5, model_max_boxes=3)
+    assert out.box_features.shape[1] == 3
+    _assert_matches(out, rows, max_boxes=5, model_max_boxes=3)
+
+
+def test_dense_variant_equals_b64():
+    rng = np.random.default_rng(9)
+    rows = [_row(rng, 6, overshoot=True), _row(rng, 2, 338, 209)]
+    n = 9  # more padding than needed: ignored past num_boxes
+    boxes = np.full([2, n, 4], 123.0, np.float32)     # junk in the padding must not matter
+    feats = np.full([2, n, schema.FEATURE_DIM], -5.0, np.float32)
+    labels = np.full([2, n], 99, np.int64)
+    for i, r in enumerate(rows):
+        k = len(r["boxes"])
+        boxes[i, :k], feats[i, :k], labels[i, :k] = r["boxes"], r["features"], r["class_labels"]
+    dense = pg.process_dense_products(
+        tf.constant(boxes), tf.constant(feats), tf.constant(labels),
+        tf.constant([6, 2], tf.int64), tf.constant([800, 338], tf.int64),
+        tf.constant([600, 209], tf.int64), MAX_BOXES)
+    _assert_matches(dense, rows)
+    b64 = _decode(_fields(rows))
+    for a, b in zip(dense, b64):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def _b64(array, dtype):
+    return base64.b64encode(np.ascontiguousarray(array, dtype=dtype).tobytes()).decode()
+
+
+# (what to change in a valid 3-box row, the field the error must name, prep's reason)
+BAD_REQUESTS = {
+    "boxes_not_base64": (lambda f: f.update(boxes=f["boxes"][:-4] + "!!!="), "boxes"),
+    "features_bad_length": (lambda f: f.update(features=f["features"] + "A"), "features"),
+    # The web-safe alphabet is not the TSV's (the graph maps + / to - _ internally).
+    "features_web_safe_alphabet": (lambda f: f.update(features="-_-_" + f["features"][4:]),
+                                   "features"),
+    "labels_not_base64": (lambda f: f.update(class_labels="@@@@" + f["class_labels"]),
+                          "class_labels"),
+    "boxes_short": (lambda f: f.update(boxes=_b64(np.zeros([2, 4]), "<f4")), "boxes"),
+    "features_long": (lambda f: f.update(features=_b64(np.zeros([4, 2048]), "<f4")),
+                      "features"),
+    "labels_as_int32": (lambda f: f.update(class_labels=_b64(np.zeros([3]), "<i4")),
+                        "class_labels"),
+    "num_boxes_zero": (lambda f: f.update(num_boxes=0), "num_boxes"),
+    # 3 boxes of base64 text are 64 characters, as long as 4 boxes of raw bytes: still an
+    # error, never a misreading of the text as raw bytes.
+    "num_boxes_mismatch": (lambda f: f.update(num_boxes=4), "boxes"),
+    "image_h_zero": (lambda f: f.update(image_h=0), "image_h"),
+    "image_w_negative": (lambda f: f.update(image_w=-600), "image_w"),
+    "box_outside": (lambda f: f.update(boxes=_b64([[0, 0, 10, 10], [0, 0, 805, 10],
+                                                   [1, 1, 2, 2]], "<f4")), "boxes"),
+    "box_inverted": (lambda f: f.update(boxes=_b64([[0, 0, 10, 10], [20, 0, 10, 10],
+                                                    [1, 1, 2, 2]], "<f4")), "boxes"),
+    "box_nan": (lambda f: f.update(boxes=_b64([[0, 0, 10, 10], [np.nan, 0, 10, 10],
+                                               [1, 1, 2, 2]], "<f4")), "boxes"),
+    "label_out_of_range": (lambda f: f.update(class_labels=_b64([0, 33, 1], "<i8")),
+                           "class_labels"),
+    "feature_nan": (lambda f: f.update(features=_b64(np.full([3, 2048], np.nan), "<f4")),
+                    "features"),
+    "feature_negative": (lambda f: f.update(features=_b64(-np.ones([3, 2048]), "<f4")),
+                         "features"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_request_is_invalid_argument_naming_the_field(case):
+    change, field = BAD_REQUESTS[case]
+    rng = np.random.default_rng(1)
+    good = tsv.encode_row(**_row(rng, 3)).split("\t")
+    values = dict(zip(schema.TSV_COLUMNS, good))
+    for c in ("num_boxes", "image_h", "image_w"):
+        values[c] = int(values[c])
+    change(values)
+    # Prep rejects the same row, naming the same field.
+    line = "\t".join(str(values[c]) for c in schema.TSV_COLUMNS)
+    with pytest.raises(tsv.RowError) as prep_error:
+        _parse(line)
+    assert prep_error.value.field == field
+    # A good row in the same batch does not hide the bad one.
+    other = dict(zip(schema.TSV_COLUMNS, good))
+    fields = {c: tf.constant([other[c], values[c]]) for c in ("boxes", "features",
+                                                              "class_labels")}
+    fields.update({c: tf.constant([int(other[c]), values[c]], tf.int64)
+                   for c in ("num_boxes", "image_h", "image_w")})
+    with pytest.raises(tf.errors.InvalidArgumentError, match=rf"\b{field}: "):
+        _decode(fields)
+
+
+def test_dense_num_boxes_beyond_padding_is_rejected():
+    with pytest.raises(tf.errors.InvalidArgumentError, match="num_boxes: larger than"):
+        pg.process_dense_products(
+            tf.zeros([1, 2, 4]), tf.zeros([1, 2, schema.FEATURE_DIM]), tf.zeros([1, 2], tf.int64),
+            tf.constant([3], tf.int64), tf.constant([800], tf.int64),
+            tf.constant([800], tf.int64), MAX_BOXES)
+
+
+def test_serving_is_stricter_than_python_about_trailing_padding():
+    # CPython's a2b_base64(strict_mode=True) accepts "=" after a complete 4-character group
+    # ("AAAA=" decodes to 3 bytes); no encoder writes that, and the graph rejects it.
+    rng = np.random.default_rng(2)
+    fields = _fields([_row(rng, 2)])
+    fields["boxes"] = tf.strings.join([fields["boxes"], "="])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="boxes: neither standard base64 text"):
+        _decode(fields)
+
+
+def test_raw_bytes_rows_equal_base64_rows():
+    # TF Serving's REST API turns {"b64": "<TSV field>"} into the raw bytes: accepted too,
+    # row by row, with the same result.
+    rng = np.random.default_rng(4)
+    rows = [_row(rng, 3), _row(rng, 5, overshoot=True), _row(rng, 1)]
+    fields = _fields(rows)
+    mixed = dict(fields)
+    for key in ("boxes", "features", "class_labels"):
+        values = [base64.b64decode(v) if i != 1 else v
+                  for i, v in enumerate(fields[key].numpy())]
+        mixed[key] = tf.constant(values)
+    for a, b in zip(_decode(fields), _decode(mixed)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_raw_bytes_of_the_wrong_length_are_rejected():
+    rng = np.random.default_rng(6)
+    row = _row(rng, 3)
+    fields = _fields([row])
+    fields["features"] = tf.constant([row["features"][:2].astype("<f4").tobytes()])
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="features: neither standard base64 text .* nor num_boxes x 8192 "
+                             "raw bytes"):
+        _decode(fields)
