@@ -97,6 +97,115 @@ def test_rank_signature_equals_estimator_predict(world):
         np.testing.assert_allclose(scores[q], _expected(world, g, "score"), rtol=0, atol=TOL)
 
 
+def test_serving_default_rows_in_any_order(world):
+    # Queries are normalised once per distinct string and gathered back to their rows:
+    # interleaved duplicates must still get their own row's tokens.
+    rows = list(world["rows"])
+    order = np.random.default_rng(3).permutation(len(rows))
+    rows = [rows[i] for i in order]
+    assert len({r["query"] for r in rows}) > 1
+    out = _call(world, "serving_default", fx.request(rows))
+    np.testing.assert_allclose(out["score"], _expected(world, rows, "score"), rtol=0, atol=TOL)
+    q = _call(world, "embed_query", fx.request(rows, ("query",)))
+    np.testing.assert_allclose(q["embedding"], np.stack(_expected(world, rows, "query_embedding")),
+                               rtol=0, atol=TOL)
+
+
+def _session(path):
+    graph = tf.Graph()
+    with graph.as_default():
+        sess = tf.compat.v1.Session(graph=graph)
+        meta = tf.compat.v1.saved_model.load(sess, [tf.saved_model.SERVING], path)
+    return sess, meta
+
+
+def test_preprocessed_tensors_are_the_model_inputs(world):
+    # bench/serving.py fetches preprocessed/* (preprocessing alone) and feeds them (model
+    # alone); feeding them must give the signature's scores.
+    sess, meta = _session(world["path"])
+    rows = world["rows"][:7]
+    sig = meta.signature_def["serving_default"]
+    feed = {sess.graph.get_tensor_by_name(sig.inputs[k].name): v
+            for k, v in fx.request(rows).items()}
+    score = sess.graph.get_tensor_by_name(sig.outputs["score"].name)
+    names = (schema.F_TOKEN_IDS, schema.F_NUM_TOKENS, schema.F_BOX_FEATURES,
+             schema.F_BOX_GEOMETRY, schema.F_BOX_LABELS, schema.F_NUM_BOXES)
+    pre = {n: sess.graph.get_tensor_by_name(f"{sig_lib.PREPROCESSED}/{n}:0") for n in names}
+    values = sess.run(pre, feed)
+    assert values[schema.F_BOX_FEATURES].shape[2] == schema.FEATURE_DIM
+    assert (values[schema.F_NUM_BOXES] <= fx.MODEL_MAX_BOXES).all()
+    fed = dict(feed)
+    fed.update({pre[n]: v for n, v in values.items()})
+    fed[pre[schema.F_BOX_FEATURES]] = values[schema.F_BOX_FEATURES] * 0.0  # really used
+    changed = sess.run(score, fed)
+    fed[pre[schema.F_BOX_FEATURES]] = values[schema.F_BOX_FEATURES]
+    np.testing.assert_allclose(sess.run(score, fed), _expected(world, rows, "score"),
+                               rtol=0, atol=TOL)
+    assert np.abs(changed - _expected(world, rows, "score")).max() > 1e-3
+    sess.close()
+
+
+def test_rank_file_with_session_loader_equals_estimator(world, tmp_path):
+    # Without a loaded model, SavedModelScorer loads the version into a TF1 Session, as
+    # the model server does (fast startup); the ranking is the Estimator's.
+    from export import rank
+
+    scorer = rank.SavedModelScorer(os.path.dirname(world["path"]))
+    assert scorer.path == world["path"] and scorer._session is not None
+    rows = world["rows"][:5]
+    fields = {k: [r[k] if k not in rank.INT_FIELDS else int(r[k]) for r in rows]
+              for k in rank.STRING_FIELDS + rank.INT_FIELDS}
+    np.testing.assert_allclose(scorer.score(fields), _expected(world, rows, "score"),
+                               rtol=0, atol=TOL)
+    scorer.close()
+    out, scores_file = str(tmp_path / "sub.csv"), str(tmp_path / "scores.tsv")
+    rank.rank_file(world["path"], os.path.join(world["gen"], "valid.tsv"), out, scores_file,
+                   batch_queries=3)
+    with open(scores_file) as f:
+        lines = f.read().splitlines()[1:]
+    assert len(lines) == len(world["predictions"])
+    for line in lines:
+        qid, pid, value = line.split("\t")
+        assert abs(float(value) - world["predictions"][(int(qid), int(pid))]["score"]) < TOL
+
+
+def test_session_scorer_names_a_rejected_field(world):
+    from export import rank
+
+    scorer = rank.SavedModelScorer(world["path"])
+    rows = world["rows"][:2]
+    fields = {k: [r[k] if k not in rank.INT_FIELDS else int(r[k]) for r in rows]
+              for k in rank.STRING_FIELDS + rank.INT_FIELDS}
+    fields["features"] = [fields["features"][0], "AAAA"]
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        scorer.score(fields)
+    assert rank.field_message(err.value.message).startswith("features: decoded length")
+    scorer.close()
+
+
+def test_serving_bench_cases_agree(world):
+    # bench/serving.py's SavedModel cases (without the Estimator) run and give equal scores.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "bench"))
+    try:
+        import serving as bench
+    finally:
+        sys.path.pop(0)
+    valid = os.path.join(world["gen"], "valid.tsv")
+    rows = bench._one_query(valid, 6)
+    cases, extra = bench.saved_model_cases(world["path"], rows, skip_tf2=True)
+    assert {"saved_model_rank", "preprocessing_only", "model_only",
+            "saved_model_rank_raw_bytes"} <= set(cases)
+    expected = _expected(world, rows, "score")
+    for name in ("saved_model_rank", "saved_model_rank_raw_bytes", "model_only",
+                 "saved_model_score_dense"):
+        np.testing.assert_allclose(np.asarray(cases[name]()).reshape(-1), expected,
+                                   rtol=0, atol=TOL)
+    stats = bench.run_round_robin(cases, iterations=2, warmup=1)
+    assert all(s["iterations"] == 2 and s["p50_ms"] > 0 for s in stats.values())
+    assert extra["saved_model_rank"]["load_s"] >= 0
+
+
 def _dense(rows):
     n = max(int(r["num_boxes"]) for r in rows) + 1   # one junk padding slot
     boxes = np.full([len(rows), n, 4], 7.0, np.float32)

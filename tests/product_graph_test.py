@@ -235,3 +235,52 @@ def test_raw_bytes_of_the_wrong_length_are_rejected():
                        match="features: neither standard base64 text .* nor num_boxes x 8192 "
                              "raw bytes"):
         _decode(fields)
+
+
+def test_dense_without_cap_zeroes_junk_padding():
+    # Every row has at most max_boxes boxes, so the cap keeps all boxes in order (the graph
+    # then masks instead of gathering); junk past num_boxes must still come out as zeros.
+    rng = np.random.default_rng(12)
+    rows = [_row(rng, 3, overshoot=True), _row(rng, 1, 338, 209), _row(rng, 2)]
+    n = 5
+    boxes = np.full([3, n, 4], 55.0, np.float32)
+    feats = np.full([3, n, schema.FEATURE_DIM], 7.0, np.float32)
+    labels = np.full([3, n], 5, np.int64)
+    for i, r in enumerate(rows):
+        k = len(r["boxes"])
+        boxes[i, :k], feats[i, :k], labels[i, :k] = r["boxes"], r["features"], r["class_labels"]
+    out = pg.process_dense_products(
+        tf.constant(boxes), tf.constant(feats), tf.constant(labels),
+        tf.constant([3, 1, 2], tf.int64), tf.constant([800, 338, 800], tf.int64),
+        tf.constant([600, 209, 600], tf.int64), max_boxes=8)
+    assert out.box_features.shape[1] == n
+    _assert_matches(out, rows, max_boxes=8)
+
+
+# Two problems in one request: the error is the one prep reports first (its field order:
+# boxes, features, class_labels), however the graph schedules its string work.
+TWO_PROBLEMS = [
+    (dict(boxes="AAAA", features="not base64!"), "boxes"),
+    (dict(features="@@@@", class_labels="AAAA"), "features"),
+    (dict(features="AAAA", class_labels="@@@@"), "features"),
+    (dict(boxes="!!!!", features="AAAA", class_labels="AAAA"), "boxes"),
+]
+
+
+@pytest.mark.parametrize("changes, field", TWO_PROBLEMS)
+def test_several_problems_report_preps_first(changes, field):
+    # Run as the model server runs the SavedModel: a TF1 graph in a Session, where ops
+    # without dependencies run in parallel (eagerly, ops would just run in program order).
+    rng = np.random.default_rng(8)
+    good = dict(zip(schema.TSV_COLUMNS, tsv.encode_row(**_row(rng, 3)).split("\t")))
+    bad = dict(good, **changes)
+    with tf.Graph().as_default():
+        fields = {c: tf.constant([good[c], bad[c]]) for c in ("boxes", "features",
+                                                              "class_labels")}
+        fields.update({c: tf.constant([int(good[c])] * 2, tf.int64)
+                       for c in ("num_boxes", "image_h", "image_w")})
+        out = _decode(fields)
+        with tf.compat.v1.Session() as sess:
+            for _ in range(10):  # a race between the fields' checks would make this flaky
+                with pytest.raises(tf.errors.InvalidArgumentError, match=rf"\b{field}: "):
+                    sess.run(out.box_features)

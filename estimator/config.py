@@ -1,0 +1,177 @@
+"""The one configuration object of the ranker: model, sampler, losses, optimiser, run.
+
+`Config` is a flat dataclass so that it round-trips through JSON (`config.json` beside the
+checkpoints says how a model directory was trained) and every field can be overridden from
+the command line with `--set key=value` (values parsed as JSON, falling back to a string).
+
+Precedence in `mmrecall train`: defaults < an existing `MODEL_DIR/config.json` (resume) <
+`--config file.json` < `--set key=value`.
+
+GPU switches (not measurable on this CPU-only machine):
+  mixed_precision: every layer gets the Keras "mixed_float16" policy (float16 compute,
+    float32 variables, softmaxes and losses in float32) and the optimiser is wrapped in
+    dynamic loss scaling (tf.compat.v1 MixedPrecisionLossScaleOptimizer). Variable names
+    and checkpoints are unchanged, so a model trained with it restores without it.
+  xla: XLA auto-clustering for the whole session (RunConfig session_config,
+    global_jit_level ON_1). The model has no string ops or host round-trips, and the
+    input_fn (strings, table lookups) runs in tf.data outside the clustered graph.
+
+Dimension legend: B batch, T query tokens, N boxes, D model width, E pooled embedding width,
+K negatives per positive.
+"""
+import dataclasses
+import json
+import os
+from typing import Any, Dict, Iterable, Optional
+
+CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass
+class Config:
+    # --- inputs -------------------------------------------------------------------------
+    data_dir: str = ""                 # a `mmrecall prep` output directory
+    max_query_tokens: int = 16         # T cap: tokens beyond are dropped
+    max_boxes: int = 0                 # N cap; 0 = the data's own cap (manifest max_boxes)
+    batch_size: int = 64               # training positives per batch
+    eval_queries_per_batch: int = 4    # EVAL/PREDICT batches hold whole queries only
+    shuffle_buffer: int = 4096
+    # >1: training batches are made of runs of this many rows whose queries share the last
+    # lemma (the product type), so in-batch negatives include same-type near misses.
+    train_group_size: int = 8
+    num_parallel_reads: int = 4        # files read concurrently (interleave cycle length)
+    num_parallel_calls: int = -1       # parse parallelism; -1 = tf.data.AUTOTUNE
+    prefetch_batches: int = -1         # -1 = tf.data.AUTOTUNE
+
+    # --- model ----------------------------------------------------------------------------
+    hidden_size: int = 64              # D, transformer width of both towers
+    pooled_size: int = 64              # E, pooled (retrieval) embedding width
+    num_heads: int = 4
+    intermediate_size: int = 128       # feed-forward width inside transformer blocks
+    text_layers: int = 1
+    box_layers: int = 1
+    cross_layers: int = 1              # CAMP cross-attention + gated fusion rounds
+    box_hidden_size: int = 256         # hidden width of the 2048-d region-feature DNN
+    geometry_hidden_size: int = 32     # hidden width of the geometry MLP
+    matcher_hidden_size: int = 64      # hidden width of the final scoring MLP
+    dropout: float = 0.1
+    word_embedding_size: int = 0       # 0 = the data's word2vec width (manifest embedding_dim)
+    trainable_embeddings: bool = True  # False freezes the word2vec-initialised embedding
+
+    # --- matching score -------------------------------------------------------------------
+    # "cross": cross-attention logit; "tower": cosine/temperature of pooled embeddings;
+    # "sum": cross + tower_score_weight * tower.
+    serving_score: str = "sum"
+    tower_score_weight: float = 1.0
+
+    # --- negatives and losses ---------------------------------------------------------------
+    sampler: str = "hard"              # a key of estimator.negatives.SAMPLERS
+    num_negatives: int = 4             # K in-batch negatives per positive
+    loss_weights: Dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"log_loss": 1.0, "softmax": 1.0})   # keys of losses.LOSSES
+    temperature: float = 0.1           # in-batch softmax temperature (cosine logits / T)
+    # Scale of the gradient that flows from the matcher (cross logits) back into the tower
+    # states: 1 = fully joint, 0 = towers trained by the tower losses only and the matcher
+    # learns on top of them (forward pass unchanged). 0.2 measured best (bench/quality.py).
+    cross_to_tower_gradient: float = 0.2
+
+    # --- optimiser ----------------------------------------------------------------------------
+    optimizer: str = "adamw"           # "adamw" or "adam"
+    learning_rate: float = 3e-3        # peak learning rate
+    warmup_steps: int = 100
+    decay: str = "cosine"              # "cosine", "linear" or "constant" after warmup
+    min_learning_rate_ratio: float = 0.05
+    weight_decay: float = 0.01         # decoupled (AdamW); biases and LayerNorm excluded
+    clip_norm: float = 1.0             # global-norm clipping; 0 disables
+
+    # --- run ------------------------------------------------------------------------------
+    train_steps: int = 2000            # total steps (resume continues up to this count)
+    eval_steps: int = 0                # 0 = the whole valid split
+    eval_throttle_secs: int = 60
+    seed: int = 42
+    save_checkpoints_steps: int = 500
+    keep_checkpoint_max: int = 3
+    save_summary_steps: int = 50
+    log_step_count_steps: int = 50
+    mixed_precision: bool = False      # Keras "mixed_float16" policy + dynamic loss scaling
+    xla: bool = False                  # XLA auto-clustering (global_jit_level ON_1)
+
+    # ------------------------------------------------------------------------------------
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], base: Optional["Config"] = None) -> "Config":
+        """A config from `base` (or the defaults) with `values` applied; unknown keys raise."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known: {sorted(names)}")
+        merged = dataclasses.asdict(base or cls())
+        merged.update(values)
+        cfg = cls(**merged)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json(cls, text: str, base: Optional["Config"] = None) -> "Config":
+        return cls.from_dict(json.loads(text), base)
+
+    def save(self, model_dir: str) -> str:
+        """Writes `config.json` into `model_dir` (atomically) and returns its path."""
+        os.makedirs(model_dir, exist_ok=True)
+        path = os.path.join(model_dir, CONFIG_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.to_json() + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str, base: Optional["Config"] = None) -> "Config":
+        """Reads a JSON file: a config file or a model directory holding `config.json`."""
+        if os.path.isdir(path):
+            path = os.path.join(path, CONFIG_FILE)
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read(), base)
+
+    def with_overrides(self, assignments: Iterable[str]) -> "Config":
+        """Applies `key=value` strings; values are JSON (`lr=3e-4`, `loss_weights={"softmax":1}`)
+        or, when not valid JSON, plain strings (`sampler=hard`)."""
+        values = {}
+        for item in assignments:
+            if "=" not in item:
+                raise ValueError(f"--set expects key=value, got {item!r}")
+            key, raw = item.split("=", 1)
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            values[key.strip()] = value
+        return Config.from_dict(values, self)
+
+    def validate(self) -> None:
+        """Raises ValueError on inconsistent settings (called by every constructor path)."""
+        from estimator import losses, negatives  # registries; imported lazily to stay light
+
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by "
+                             f"num_heads {self.num_heads}")
+        if self.serving_score not in ("cross", "tower", "sum"):
+            raise ValueError(f"serving_score must be cross, tower or sum: {self.serving_score!r}")
+        if self.sampler not in negatives.SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; "
+                             f"known {sorted(negatives.SAMPLERS)}")
+        unknown = set(self.loss_weights) - set(losses.LOSSES)
+        if unknown:
+            raise ValueError(f"unknown losses {sorted(unknown)}; known {sorted(losses.LOSSES)}")
+        if not any(w > 0 for w in self.loss_weights.values()):
+            raise ValueError("at least one loss weight must be > 0")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be adam or adamw: {self.optimizer!r}")
+        if self.decay not in ("cosine", "linear", "constant"):
+            raise ValueError(f"decay must be cosine, linear or constant: {self.decay!r}")
+        if self.num_negatives < 0 or self.batch_size < 2 or self.max_query_tokens < 1:
+            raise ValueError("need num_negatives >= 0, batch_size >= 2, max_query_tokens >= 1")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")

@@ -1,0 +1,261 @@
+"""tf.data input pipelines over `mmrecall prep` TFRecord shards.
+
+TRAIN: shuffled file list -> repeat -> parallel interleaved reads -> shuffle buffer ->
+(optionally) runs of `train_group_size` rows sharing the query's last lemma -> batch (drop
+remainder) -> parse the whole batch at once in parallel -> prefetch.
+
+EVAL / PREDICT: each file is read in order (rows of one query are contiguous and never split
+across shards) and cut into whole queries with a `scan`; files are still read in parallel
+(interleave over files, deterministic), and `eval_queries_per_batch` whole queries make one
+batch, so every batch holds all candidates of its queries and ranking metrics are exact.
+
+Parsing (`parse_batch`) is shared by both: `tf.io.parse_example` with the schema spec,
+lemmas truncated to `max_query_tokens` and mapped to ids with the same in-graph table the
+export uses (`data_prep.vocab.lookup_table`), region features decoded with
+`tf.io.decode_raw` padded to the batch's largest box count (capped at `max_boxes`), tokens
+likewise padded to the batch's longest query. Counts go in F_NUM_TOKENS / F_NUM_BOXES.
+
+Dimension legend: B batch, T tokens (<= max_query_tokens), N boxes (<= max_boxes),
+F 2048, G 6.
+"""
+import glob
+import json
+import os
+from typing import List, Sequence, Union
+
+import tensorflow as tf
+
+from data_prep import schema, vocab
+
+TRAIN = tf.estimator.ModeKeys.TRAIN
+EVAL = tf.estimator.ModeKeys.EVAL
+PREDICT = tf.estimator.ModeKeys.PREDICT
+
+
+# ---------------------------------------------------------------------------------------
+# Manifest helpers.
+def load_manifest(data_dir: str) -> dict:
+    with open(os.path.join(data_dir, schema.MANIFEST_FILE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def split_files(data_dir: str, split: str) -> List[str]:
+    """Absolute shard paths of one split, in manifest order (empty if the split is absent)."""
+    manifest = load_manifest(data_dir)
+    info = manifest.get("splits", {}).get(split)
+    if not info:
+        return []
+    return [os.path.join(data_dir, s["file"]) for s in info["shards"]]
+
+
+def split_rows(data_dir: str, split: str) -> int:
+    info = load_manifest(data_dir).get("splits", {}).get(split) or {}
+    return int(info.get("rows", 0))
+
+
+def compression_type(data_dir: str) -> str:
+    return load_manifest(data_dir).get("compression", "") or ""
+
+
+def vocab_tokens(data_dir: str) -> List[str]:
+    manifest = load_manifest(data_dir)
+    path = os.path.join(data_dir, manifest.get("vocab", schema.VOCAB_FILE))
+    return [t for t, _ in vocab.load_vocab(path)]
+
+
+def _resolve_files(pattern_or_files: Union[str, Sequence[str]]) -> List[str]:
+    if isinstance(pattern_or_files, str):
+        files = sorted(glob.glob(pattern_or_files))
+    else:
+        files = list(pattern_or_files)
+    if not files:
+        raise ValueError(f"no input files match {pattern_or_files!r}")
+    return files
+
+
+# ---------------------------------------------------------------------------------------
+def _dims(*sizes):
+    # A dense shape for RaggedTensor.to_tensor (-1 = keep); pads and truncates to it.
+    return tf.stack([tf.cast(s, tf.int64) for s in sizes])
+
+
+def parse_batch(serialized, table, max_query_tokens: int, max_boxes: int, with_labels=True):
+    """Parses a batch of serialized tf.Examples into model features (and labels).
+
+    Args:
+      serialized: string [B].
+      table: token -> id lookup table (vocab.lookup_table).
+      max_query_tokens: T cap; max_boxes: N cap.
+    Returns:
+      features dict (schema.F_* keys), and if with_labels float32 labels [B].
+    """
+    p = tf.io.parse_example(serialized, schema.tfrecord_feature_spec())
+    # Tokens: truncate, look up in-graph, pad to the batch's longest query (at least 1).
+    lemmas = p[schema.QUERY_LEMMAS][:, :max_query_tokens]                  # ragged [B, None]
+    ids = lemmas.with_flat_values(tf.cast(table.lookup(lemmas.flat_values), tf.int32))
+    num_tokens = tf.cast(ids.row_lengths(), tf.int32)                       # [B]
+    t = tf.maximum(tf.reduce_max(num_tokens), 1)
+    token_ids = ids.to_tensor(default_value=schema.PAD_ID, shape=_dims(-1, t))   # [B, T]
+
+    # Boxes: the cap, then pad to the batch's largest count (at least 1).
+    num_boxes = tf.minimum(tf.cast(p[schema.NUM_BOXES], tf.int32), max_boxes)  # [B]
+    n = tf.maximum(tf.reduce_max(num_boxes), 1)
+    # decode_raw zero-pads / truncates each row to n boxes: padding needs no ragged detour.
+    feats = tf.io.decode_raw(p[schema.BOX_FEATURES], tf.float32, little_endian=True,
+                             fixed_length=n * schema.FEATURE_DIM * 4)         # [B, n*F]
+    box_features = tf.reshape(feats, [-1, n, schema.FEATURE_DIM])           # [B, N, F]
+    geometry = p[schema.BOX_GEOMETRY].to_tensor(shape=_dims(-1, n * schema.GEOMETRY_DIM))
+    box_geometry = tf.reshape(geometry, [-1, n, schema.GEOMETRY_DIM])       # [B, N, G]
+    box_labels = tf.cast(p[schema.BOX_LABELS].to_tensor(shape=_dims(-1, n)), tf.int32)  # [B, N]
+    # Zero everything past each row's (capped) count, so truncated boxes leave no trace.
+    box_mask = tf.sequence_mask(num_boxes, n)                                # [B, N]
+    box_features *= tf.cast(box_mask, tf.float32)[:, :, tf.newaxis]
+    box_geometry *= tf.cast(box_mask, tf.float32)[:, :, tf.newaxis]
+    box_labels *= tf.cast(box_mask, tf.int32)
+
+    features = {
+        schema.F_TOKEN_IDS: token_ids,
+        schema.F_NUM_TOKENS: num_tokens,
+        schema.F_BOX_FEATURES: box_features,
+        schema.F_BOX_GEOMETRY: box_geometry,
+        schema.F_BOX_LABELS: box_labels,
+        schema.F_NUM_BOXES: num_boxes,
+        schema.F_QUERY_KEY: p[schema.QUERY_KEY],
+        schema.F_PRODUCT_ID: p[schema.PRODUCT_ID],
+        schema.F_QUERY_ID: p[schema.QUERY_ID],
+    }
+    if not with_labels:
+        return features
+    return features, tf.cast(p[schema.LABEL], tf.float32)
+
+
+def _query_id_of(serialized):
+    return tf.io.parse_single_example(
+        serialized, {schema.QUERY_ID: tf.io.FixedLenFeature([], tf.int64)})[schema.QUERY_ID]
+
+
+def whole_queries(records: tf.data.Dataset) -> tf.data.Dataset:
+    """Cuts an ordered stream of serialized records into one element per query.
+
+    Rows of a query must be contiguous. Each output element is string [rows of the query].
+    """
+    sentinel = tf.data.Dataset.from_tensors((tf.constant(b""), tf.constant(-1, tf.int64),
+                                             tf.constant(True)))
+    keyed = records.map(lambda s: (s, _query_id_of(s), tf.constant(False))).concatenate(sentinel)
+
+    def step(state, element):
+        buf, current = state
+        record, qid, is_end = element
+        boundary = tf.logical_or(is_end, tf.logical_and(tf.size(buf) > 0,
+                                                        tf.not_equal(qid, current)))
+        out = tf.cond(boundary, lambda: buf, lambda: tf.zeros([0], tf.string))
+        new_buf = tf.cond(boundary, lambda: tf.reshape(record, [1]),
+                          lambda: tf.concat([buf, tf.reshape(record, [1])], 0))
+        return (new_buf, qid), out
+
+    init = (tf.zeros([0], tf.string), tf.constant(-1, tf.int64))
+    return keyed.scan(init, step).filter(lambda out: tf.size(out) > 0)
+
+
+def _last_lemma_bucket(serialized, buckets):
+    """A bucket id from the query's last lemma (usually the product type)."""
+    lemmas = tf.io.parse_single_example(
+        serialized, {schema.QUERY_LEMMAS: tf.io.RaggedFeature(tf.string)})[schema.QUERY_LEMMAS]
+    last = tf.cond(tf.size(lemmas) > 0, lambda: lemmas[-1], lambda: tf.constant(""))
+    return tf.strings.to_hash_bucket_fast(last, buckets)
+
+
+def group_by_last_lemma(records: tf.data.Dataset, group_size: int,
+                        buckets: int = 1 << 16) -> tf.data.Dataset:
+    """Regroups a shuffled record stream so that runs of `group_size` consecutive records
+    share their query's last lemma (product type) where the buffer allows.
+
+    A training batch then holds B / group_size such runs: its in-batch negatives include
+    products of the same type as the positive, the near misses that candidate lists are
+    full of ("negatives from similar queries, same last word"). Records of rare types are
+    flushed in shorter runs at the end of the stream only (the stream repeats forever).
+    """
+    return records.group_by_window(
+        key_func=lambda s: _last_lemma_bucket(s, buckets),
+        reduce_func=lambda key, window: window.batch(group_size),
+        window_size=group_size).unbatch()
+
+
+def input_fn_builder(cfg, pattern_or_files, mode, data_dir=None, compression=None,
+                     num_epochs=None):
+    """Returns an Estimator input_fn over TFRecord shards.
+
+    Args:
+      cfg: estimator.config.Config (batch sizes, caps, parallelism, seed).
+      pattern_or_files: a glob pattern or a list of TFRecord paths.
+      mode: a tf.estimator.ModeKeys value.
+      data_dir: the prep directory holding manifest.json and vocab.tsv (default
+        cfg.data_dir); gives the vocabulary, compression and box cap.
+      compression: "GZIP" or "" (default: the manifest's).
+      num_epochs: TRAIN repeats forever by default; EVAL/PREDICT read once.
+    Returns:
+      input_fn(params=None, config=None, input_context=None) -> tf.data.Dataset yielding
+      (features, labels) in TRAIN/EVAL and features in PREDICT. In TRAIN, files are sharded
+      by `input_context` when a distribution strategy passes one, else by the RunConfig's
+      worker index under a TF_CONFIG cluster (with fewer files than workers every worker
+      reads all files); each worker shuffles with its own seed.
+    """
+    data_dir = data_dir or cfg.data_dir
+    files = _resolve_files(pattern_or_files)
+    manifest = load_manifest(data_dir)
+    if compression is None:
+        compression = manifest.get("compression", "") or ""
+    max_boxes = cfg.max_boxes or int(manifest.get("max_boxes", 0)) or 64
+    tokens = vocab_tokens(data_dir)
+    parallel = tf.data.AUTOTUNE if cfg.num_parallel_calls < 0 else cfg.num_parallel_calls
+    prefetch = tf.data.AUTOTUNE if cfg.prefetch_batches < 0 else cfg.prefetch_batches
+
+    def input_fn(params=None, config=None, input_context=None):
+        del params
+        table = vocab.lookup_table(tokens)
+        num_shards, shard = 1, 0
+        if input_context is not None:
+            num_shards = input_context.num_input_pipelines
+            shard = input_context.input_pipeline_id
+        elif config is not None and mode == TRAIN and config.num_worker_replicas > 1:
+            num_shards, shard = config.num_worker_replicas, config.global_id_in_cluster or 0
+        seed = cfg.seed + shard
+        ds = tf.data.Dataset.from_tensor_slices(files)
+        shard_files = mode == TRAIN and num_shards > 1 and len(files) >= num_shards
+        if shard_files:
+            ds = ds.shard(num_shards, shard)
+
+        def read(path):
+            return tf.data.TFRecordDataset(path, compression_type=compression,
+                                           buffer_size=1 << 20)
+
+        if mode == TRAIN:
+            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+            ds = ds.repeat(num_epochs)
+            ds = ds.interleave(read, cycle_length=max(1, cfg.num_parallel_reads),
+                               block_length=16, num_parallel_calls=parallel,
+                               deterministic=False)
+            ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+            if cfg.train_group_size > 1:
+                ds = group_by_last_lemma(ds, cfg.train_group_size)
+            ds = ds.batch(cfg.batch_size, drop_remainder=True)
+            ds = ds.map(lambda s: parse_batch(s, table, cfg.max_query_tokens, max_boxes),
+                        num_parallel_calls=parallel, deterministic=False)
+        else:
+            ds = ds.interleave(lambda path: whole_queries(read(path)),
+                               cycle_length=max(1, cfg.num_parallel_reads),
+                               num_parallel_calls=parallel, deterministic=True)
+            if num_epochs:
+                ds = ds.repeat(num_epochs)
+            ds = ds.ragged_batch(max(1, cfg.eval_queries_per_batch))
+            ds = ds.map(lambda r: r.flat_values)                              # [B] whole queries
+            with_labels = mode == EVAL
+            ds = ds.map(lambda s: parse_batch(s, table, cfg.max_query_tokens, max_boxes,
+                                              with_labels=with_labels),
+                        num_parallel_calls=parallel, deterministic=True)
+        options = tf.data.Options()
+        options.deterministic = mode != TRAIN
+        ds = ds.with_options(options)
+        return ds.prefetch(prefetch)
+
+    return input_fn

@@ -1,0 +1,66 @@
+"""Training losses, weighted by `Config.loss_weights` (keys of LOSSES).
+
+Each loss takes a `LossInputs` and returns a float32 scalar. Register new losses in LOSSES.
+
+Dimension legend: B rows of the batch, P scored pairs, E pooled width.
+"""
+import collections
+from typing import Callable, Dict
+
+import tensorflow as tf
+
+LossInputs = collections.namedtuple("LossInputs", [
+    "pair_logits",    # float32 [P] cross-attention logits of the scored pairs
+    "pair_labels",    # float32 [P] 1 positive / 0 negative
+    "pair_weights",   # float32 [P] 0 for padded (invalid) pairs
+    "q_pooled",       # float32 [B, E] L2-normalised query embeddings, one per batch row
+    "p_pooled",       # float32 [B, E] L2-normalised product embeddings, one per batch row
+    "row_labels",     # float32 [B] 1 where row b is a positive pair (all rows in training)
+    "query_key",      # int64 [B]
+    "product_id",     # int64 [B]
+    "temperature",    # python float
+])
+
+
+def log_loss(x: LossInputs):
+    """Sigmoid cross-entropy on the cross logits, weighted mean over valid pairs."""
+    ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=x.pair_labels, logits=x.pair_logits)
+    w = x.pair_weights
+    return tf.reduce_sum(ce * w) / tf.maximum(tf.reduce_sum(w), 1.0)
+
+
+def in_batch_softmax(x: LossInputs):
+    """Contrastive loss of the towers: each positive row's query against all products of the
+    batch, target = its own product.
+
+    logits[i, j] = q_i . p_j / temperature. Columns j != i that are also positives of i's
+    query (same query_key with row_labels[j] == 1) or the same product are removed from the
+    softmax, so duplicates are not pushed apart. Rows that are not positives (eval batches
+    with negatives) contribute only as candidates: there they act as hard negatives.
+    Mean over positive rows.
+    """
+    logits = tf.matmul(x.q_pooled, x.p_pooled, transpose_b=True) / x.temperature  # [B, B]
+    b = tf.shape(logits)[0]
+    eye = tf.eye(b, dtype=tf.bool)
+    pos_col = tf.cast(x.row_labels, tf.bool)[tf.newaxis, :]
+    same_query = tf.equal(x.query_key[:, tf.newaxis], x.query_key[tf.newaxis, :])
+    same_product = tf.equal(x.product_id[:, tf.newaxis], x.product_id[tf.newaxis, :])
+    drop = tf.logical_and(tf.logical_not(eye),
+                          tf.logical_or(tf.logical_and(same_query, pos_col), same_product))
+    logits = tf.where(drop, tf.fill(tf.shape(logits), -1e9), logits)
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.range(b), logits=logits)
+    w = x.row_labels
+    return tf.reduce_sum(ce * w) / tf.maximum(tf.reduce_sum(w), 1.0)
+
+
+LOSSES: Dict[str, Callable[[LossInputs], tf.Tensor]] = {
+    "log_loss": log_loss,
+    "softmax": in_batch_softmax,
+}
+
+
+def weighted_losses(weights: Dict[str, float], inputs: LossInputs):
+    """Returns (total scalar, {name: scalar}) over the losses with weight > 0."""
+    parts = {name: LOSSES[name](inputs) for name, w in sorted(weights.items()) if w > 0}
+    total = tf.add_n([weights[name] * value for name, value in parts.items()])
+    return total, parts

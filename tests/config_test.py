@@ -1,0 +1,52 @@
+"""Tests for estimator.config: JSON round trip, overrides, validation, CLI precedence."""
+import json
+import os
+
+import pytest
+
+from estimator import train
+from estimator.config import CONFIG_FILE, Config
+
+
+def test_json_round_trip_keeps_every_field(tmp_path):
+    cfg = Config(hidden_size=48, num_heads=3, sampler="random",
+                 loss_weights={"log_loss": 0.5, "softmax": 2.0}, xla=True)
+    path = cfg.save(str(tmp_path))
+    assert os.path.basename(path) == CONFIG_FILE
+    assert Config.load(str(tmp_path)) == cfg
+    assert Config.from_json(cfg.to_json()) == cfg
+
+
+def test_overrides_parse_json_and_fall_back_to_strings():
+    cfg = Config().with_overrides(["learning_rate=3e-4", "sampler=random", "xla=true",
+                                   'loss_weights={"softmax": 1.0}', "num_negatives=7"])
+    assert cfg.learning_rate == 3e-4
+    assert cfg.sampler == "random"
+    assert cfg.xla is True
+    assert cfg.loss_weights == {"softmax": 1.0}
+    assert cfg.num_negatives == 7
+
+
+@pytest.mark.parametrize("bad", [
+    ["no_such_key=1"], ["sampler=nearest"], ["loss_weights={\"focal\": 1}"],
+    ["hidden_size=30", "num_heads=4"], ["serving_score=max"], ["temperature=0"],
+    ['loss_weights={"softmax": 0}'], ["novalue"],
+])
+def test_bad_settings_raise(bad):
+    with pytest.raises(ValueError):
+        Config().with_overrides(bad)
+
+
+def test_cli_precedence_defaults_model_dir_file_set_steps(tmp_path):
+    model_dir = tmp_path / "model"
+    Config(hidden_size=32, learning_rate=0.5, batch_size=8).save(str(model_dir))
+    file_cfg = tmp_path / "f.json"
+    file_cfg.write_text(json.dumps({"learning_rate": 0.25, "train_steps": 9}))
+    args = train.parse_args(["--data", "x", "--model-dir", str(model_dir), "--config",
+                             str(file_cfg), "--set", "batch_size=4", "--steps", "11"])
+    cfg = train.config_from_args(args)
+    assert cfg.hidden_size == 32          # from the existing model dir
+    assert cfg.learning_rate == 0.25      # --config beats the model dir
+    assert cfg.batch_size == 4            # --set beats --config
+    assert cfg.train_steps == 11          # --steps beats everything
+    assert cfg.dropout == Config().dropout

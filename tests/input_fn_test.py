@@ -1,0 +1,148 @@
+"""The tf.data pipelines: parsed values equal the written ones, caps, whole-query batches."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from data_prep import schema, text, vocab
+from estimator import input_fn
+from model_fixtures import tiny_config, write_prep_dir
+
+TRAIN, EVAL, PREDICT = (tf.estimator.ModeKeys.TRAIN, tf.estimator.ModeKeys.EVAL,
+                        tf.estimator.ModeKeys.PREDICT)
+
+
+@pytest.fixture(scope="module")
+def prep_dir(tmp_path_factory):
+    return write_prep_dir(str(tmp_path_factory.mktemp("prep")), num_train=60,
+                          num_valid_queries=7, candidates=5, valid_shards=2,
+                          compression="GZIP", max_boxes=4)
+
+
+def _write(path, rows):
+    with tf.io.TFRecordWriter(path) as w:
+        for r in rows:
+            w.write(r)
+
+
+def test_parse_batch_values_caps_and_lookup(prep_dir, tmp_path):
+    rng = np.random.RandomState(0)
+    tokens = [t for t, _ in vocab.load_vocab(f"{prep_dir}/vocab.tsv")]
+    rows, sources = [], []
+    for i, (lemmas, n) in enumerate([(["red", "dress", "zzz", "new", "shoe", "bag", "lamp",
+                                       "sofa", "pink"], 6), (["blue"], 1), ([], 2)]):
+        feats = rng.uniform(0, 3, (n, schema.FEATURE_DIM)).astype(np.float32)
+        geo = rng.uniform(0, 1, (n, schema.GEOMETRY_DIM)).astype(np.float32)
+        labels = rng.randint(0, 33, n)
+        boxes = np.tile([[0, 0, 10, 10]], (n, 1)).astype(np.float32)
+        rows.append(schema.encode_example(7 + i, 70, 100, 100, " ".join(lemmas), lemmas,
+                                          text.query_key(lemmas), boxes, geo, feats, labels,
+                                          label=i % 2))
+        sources.append((lemmas, feats, geo, labels))
+    table = vocab.lookup_table(tokens)
+    feats, labels = input_fn.parse_batch(tf.constant(rows), table, max_query_tokens=7,
+                                         max_boxes=5)
+    assert labels.numpy().tolist() == [0.0, 1.0, 0.0]
+    assert feats[schema.F_NUM_TOKENS].numpy().tolist() == [7, 1, 0]
+    assert feats[schema.F_NUM_BOXES].numpy().tolist() == [5, 1, 2]      # capped at 5
+    ids = feats[schema.F_TOKEN_IDS].numpy()
+    assert ids.shape == (3, 7) and ids.dtype == np.int32
+    expected0 = [tokens.index(t) if t in tokens else schema.UNK_ID for t in sources[0][0][:7]]
+    assert ids[0].tolist() == expected0 and schema.UNK_ID in expected0   # "zzz" unknown
+    assert ids[1].tolist() == [tokens.index("blue")] + [0] * 6
+    assert ids[2].tolist() == [0] * 7
+    bf = feats[schema.F_BOX_FEATURES].numpy()
+    assert bf.shape == (3, 5, schema.FEATURE_DIM)
+    np.testing.assert_array_equal(bf[0], sources[0][1][:5])
+    np.testing.assert_array_equal(bf[1, 0], sources[1][1][0])
+    assert not bf[1, 1:].any() and not bf[2, 2:].any()
+    np.testing.assert_allclose(feats[schema.F_BOX_GEOMETRY].numpy()[2, :2], sources[2][2])
+    assert feats[schema.F_BOX_LABELS].numpy()[0].tolist() == sources[0][3][:5].tolist()
+    assert feats[schema.F_PRODUCT_ID].numpy().tolist() == [7, 8, 9]
+
+
+def test_train_batches(prep_dir):
+    cfg = tiny_config(data_dir=prep_dir, batch_size=13, max_query_tokens=2)
+    ds = input_fn.input_fn_builder(cfg, input_fn.split_files(prep_dir, "train"), TRAIN)()
+    seen = set()
+    for features, labels in ds.take(30):                 # 6.5 epochs of 60 rows: repeats
+        assert features[schema.F_TOKEN_IDS].shape[0] == 13
+        assert features[schema.F_TOKEN_IDS].shape[1] <= 2
+        assert int(tf.reduce_max(features[schema.F_NUM_BOXES])) <= 4
+        assert features[schema.F_BOX_FEATURES].shape[1] == int(
+            tf.reduce_max(features[schema.F_NUM_BOXES]))     # padded to the batch's max
+        assert labels.numpy().tolist() == [1.0] * 13
+        seen.update(features[schema.F_PRODUCT_ID].numpy().tolist())
+    assert len(seen) == 60
+
+
+@pytest.mark.parametrize("mode", [EVAL, PREDICT])
+def test_eval_batches_hold_whole_queries(prep_dir, mode):
+    cfg = tiny_config(data_dir=prep_dir, eval_queries_per_batch=3)
+    ds = input_fn.input_fn_builder(cfg, input_fn.split_files(prep_dir, "valid"), mode)()
+    batches = []
+    for element in ds:
+        features = element[0] if mode == EVAL else element
+        if mode == EVAL:
+            assert set(element[1].numpy().tolist()) <= {0.0, 1.0}
+        batches.append(features[schema.F_QUERY_ID].numpy().tolist())
+    # 7 queries x 5 candidates, 3 whole queries per batch -> 3 + 3 + 1 queries.
+    assert [len(set(b)) for b in batches] == [3, 3, 1]
+    assert all(len(b) == 5 * len(set(b)) for b in batches)
+    all_ids = [q for b in batches for q in b]
+    assert sorted(set(all_ids)) == list(range(2_000_000, 2_000_007))
+    for q in set(all_ids):                                  # never split across batches
+        assert sum(q in b for b in batches) == 1
+
+
+def test_whole_queries_cuts_contiguous_runs(tmp_path):
+    rows = []
+    for qid, n in [(5, 2), (3, 1), (5, 3)]:                 # qid 5 twice: separate runs
+        for _ in range(n):
+            rows.append(schema.encode_example(
+                1, qid, 10, 10, "a", ["a"], 1, np.zeros([1, 4], np.float32),
+                np.zeros([1, 6], np.float32), np.zeros([1, 2048], np.float32), [0], 1))
+    path = str(tmp_path / "x.tfrecord")
+    _write(path, rows)
+    groups = [g.numpy().size for g in input_fn.whole_queries(tf.data.TFRecordDataset(path))]
+    assert groups == [2, 1, 3]
+
+
+def test_train_files_are_sharded_by_worker(prep_dir):
+    class FakeRunConfig:   # the two RunConfig fields a TF_CONFIG cluster sets
+        num_worker_replicas = 2
+        global_id_in_cluster = 1
+
+    cfg = tiny_config(data_dir=prep_dir, batch_size=10)
+    files = input_fn.split_files(prep_dir, "train")
+    assert len(files) == 2
+    expected = set()
+    for record in tf.data.TFRecordDataset(files[1], compression_type="GZIP"):
+        expected.add(int(tf.io.parse_single_example(
+            record, {schema.PRODUCT_ID: tf.io.FixedLenFeature([], tf.int64)})[schema.PRODUCT_ID]))
+    worker = input_fn.input_fn_builder(cfg, files, TRAIN)(config=FakeRunConfig())
+    got = set()
+    for features, _ in worker.take(15):                    # 5 epochs of the 30 rows
+        got.update(features[schema.F_PRODUCT_ID].numpy().tolist())
+    assert got == expected and len(got) == 30
+
+
+def test_group_by_last_lemma_makes_runs_of_one_type(prep_dir):
+    cfg = tiny_config(data_dir=prep_dir, batch_size=12, train_group_size=4)
+    tokens = input_fn.vocab_tokens(prep_dir)
+    ds = input_fn.input_fn_builder(cfg, input_fn.split_files(prep_dir, "train"), TRAIN)()
+    runs = 0
+    for features, _ in ds.take(10):
+        ids, n = features[schema.F_TOKEN_IDS].numpy(), features[schema.F_NUM_TOKENS].numpy()
+        last = [tokens[ids[i, n[i] - 1]] for i in range(12)]
+        runs += sum(len(set(last[j:j + 4])) == 1 for j in range(0, 12, 4))
+    # 6 types among 60 rows: nearly every run of 4 shares its type (rare tails flush short).
+    assert runs >= 25
+    ungrouped = input_fn.input_fn_builder(tiny_config(data_dir=prep_dir, batch_size=12,
+                                                      train_group_size=0),
+                                          input_fn.split_files(prep_dir, "train"), TRAIN)()
+    base = 0
+    for features, _ in ungrouped.take(10):
+        ids, n = features[schema.F_TOKEN_IDS].numpy(), features[schema.F_NUM_TOKENS].numpy()
+        last = [tokens[ids[i, n[i] - 1]] for i in range(12)]
+        base += sum(len(set(last[j:j + 4])) == 1 for j in range(0, 12, 4))
+    assert base < 10

@@ -1,0 +1,86 @@
+"""Shapes with odd sizes (batch 13, tokens 7, boxes 5, width 24) and padding invariance."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from estimator import layers
+
+B, T, N, D, H = 13, 7, 5, 24, 4
+
+
+def _x(shape, seed=0):
+    return tf.constant(np.random.RandomState(seed).normal(size=shape).astype(np.float32))
+
+
+def _mask(lengths, width):
+    return layers.sequence_mask(tf.constant(lengths), width)
+
+
+LENGTHS_T = np.random.RandomState(1).randint(1, T + 1, size=B)
+LENGTHS_N = np.random.RandomState(2).randint(1, N + 1, size=B)
+
+
+def test_masked_softmax_zero_outside_mask_and_all_masked_rows():
+    probs = layers.masked_softmax(tf.constant([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]]),
+                                  tf.constant([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])).numpy()
+    e = np.exp([1.0, 2.0])
+    np.testing.assert_allclose(probs[0], [e[0] / e.sum(), e[1] / e.sum(), 0.0], rtol=1e-6)
+    np.testing.assert_array_equal(probs[1], [0.0, 0.0, 0.0])
+
+
+def test_attention_shapes():
+    att = layers.MultiHeadAttention(D, H, name="att")
+    out, probs = att(_x([B, T, D]), _x([B, N, 10]), _mask(LENGTHS_N, N))
+    assert out.shape == (B, T, D)
+    assert probs.shape == (B, H, T, N)
+    np.testing.assert_allclose(probs.numpy().sum(-1), 1.0, rtol=1e-5)
+    assert layers.attention_entropy(probs, _mask(LENGTHS_T, T)).shape == (B,)
+
+
+def test_encoder_block_shapes_and_padding_invariance():
+    block = layers.TransformerEncoderBlock(D, H, 32, dropout=0.0, name="block")
+    x = _x([B, T, D])
+    y, probs = block(x, _mask(LENGTHS_T, T))
+    assert y.shape == (B, T, D) and probs.shape == (B, H, T, T)
+    # Two more padded positions filled with garbage: real positions must not change.
+    x_pad = tf.concat([x, 100.0 * _x([B, 2, D], seed=9)], 1)
+    y_pad, _ = block(x_pad, _mask(LENGTHS_T, T + 2))
+    m = _mask(LENGTHS_T, T).numpy()[..., None]
+    np.testing.assert_allclose(y.numpy() * m, y_pad.numpy()[:, :T] * m, atol=1e-5)
+
+
+def test_cross_attention_fusion_pooling_shapes_and_padding_invariance():
+    cross = layers.CrossAttention(D, H, name="cross")
+    fusion = layers.GatedFusion(D, 32, name="fusion")
+    pool = layers.AttentionPooling(D, name="pool")
+    q, ctx = _x([B, T, D]), _x([B, N, D], seed=1)
+    att, probs = cross(q, ctx, _mask(LENGTHS_N, N))
+    assert att.shape == (B, T, D) and probs.shape == (B, H, T, N)
+    fused, gate = fusion(q, att)
+    assert fused.shape == (B, T, D) and gate.shape == (B, T, D)
+    assert float(tf.reduce_min(gate)) >= 0.0 and float(tf.reduce_max(gate)) <= 1.0
+    pooled = pool(fused, _mask(LENGTHS_T, T))
+    assert pooled.shape == (B, D)
+    # Padded context boxes with garbage do not change what the words attend to.
+    ctx_pad = tf.concat([ctx, 50.0 * _x([B, 3, D], seed=5)], 1)
+    att_pad, _ = cross(q, ctx_pad, _mask(LENGTHS_N, N + 3))
+    np.testing.assert_allclose(att.numpy(), att_pad.numpy(), atol=1e-5)
+    # Padded positions of the pooled sequence do not change the pooled vector.
+    fused_pad = tf.concat([fused, 50.0 * _x([B, 2, D], seed=6)], 1)
+    np.testing.assert_allclose(pooled.numpy(), pool(fused_pad, _mask(LENGTHS_T, T + 2)).numpy(),
+                               atol=1e-5)
+
+
+def test_pooling_of_empty_row_is_zero():
+    pool = layers.AttentionPooling(D, name="pool")
+    out = pool(_x([2, 3, D]), tf.constant([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    np.testing.assert_array_equal(out.numpy()[1], np.zeros(D))
+
+
+@pytest.mark.parametrize("layer", [
+    layers.MultiHeadAttention(D, H, 0.1), layers.TransformerEncoderBlock(D, H, 32, 0.1),
+    layers.CrossAttention(D, H, 0.1), layers.GatedFusion(D, 32, 0.1),
+    layers.AttentionPooling(D), layers.FeedForward(D, 32, 0.1)])
+def test_get_config_round_trips(layer):
+    clone = type(layer).from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()

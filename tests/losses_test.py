@@ -1,0 +1,65 @@
+"""Loss values against hand-computed numbers."""
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from estimator import losses
+
+
+def _inputs(**kw):
+    base = dict(pair_logits=tf.zeros([1]), pair_labels=tf.zeros([1]),
+                pair_weights=tf.ones([1]), q_pooled=tf.eye(2), p_pooled=tf.eye(2),
+                row_labels=tf.ones([2]), query_key=tf.constant([1, 2], tf.int64),
+                product_id=tf.constant([10, 20], tf.int64), temperature=1.0)
+    base.update(kw)
+    return losses.LossInputs(**base)
+
+
+def test_log_loss_weighted_mean():
+    # logits 0 (label 1): log 2 = 0.693147; logit 2 (label 0): log(1 + e^2) = 2.126928;
+    # third pair has weight 0 (an invalid negative) and is ignored.
+    x = _inputs(pair_logits=tf.constant([0.0, 2.0, 50.0]),
+                pair_labels=tf.constant([1.0, 0.0, 0.0]),
+                pair_weights=tf.constant([1.0, 1.0, 0.0]))
+    expected = (math.log(2) + math.log(1 + math.e ** 2)) / 2
+    assert float(losses.log_loss(x)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_in_batch_softmax_hand_computed():
+    # q = p = identity (2 x 2), temperature 0.5: logits [[2, 0], [0, 2]].
+    # CE per row = -log(e^2 / (e^2 + 1)) = log(1 + e^-2) = 0.126928.
+    x = _inputs(temperature=0.5)
+    assert float(losses.in_batch_softmax(x)) == pytest.approx(math.log(1 + math.exp(-2)),
+                                                              rel=1e-6)
+
+
+def test_in_batch_softmax_ignores_duplicate_positives():
+    # Rows 0 and 1 share the query key: each is the other's positive too, so neither column
+    # enters the other's softmax and the loss is exactly 0 (one candidate left per row).
+    x = _inputs(query_key=tf.constant([5, 5], tf.int64), q_pooled=tf.ones([2, 2]) / 1.4142,
+                p_pooled=tf.ones([2, 2]) / 1.4142)
+    assert float(losses.in_batch_softmax(x)) == pytest.approx(0.0, abs=1e-6)
+    # Same product id in two rows: also removed.
+    x = _inputs(product_id=tf.constant([10, 10], tf.int64), q_pooled=tf.ones([2, 2]),
+                p_pooled=tf.ones([2, 2]))
+    assert float(losses.in_batch_softmax(x)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_in_batch_softmax_uses_negative_rows_only_as_candidates():
+    # Row 1 is a negative of row 0's query (eval batch): only row 0 is a target; its
+    # softmax is over both columns: logits [1, 1] -> log 2.
+    x = _inputs(query_key=tf.constant([5, 5], tf.int64), row_labels=tf.constant([1.0, 0.0]),
+                q_pooled=tf.constant([[1.0, 0.0], [0.0, 1.0]]),
+                p_pooled=tf.constant([[1.0, 0.0], [1.0, 0.0]]))
+    assert float(losses.in_batch_softmax(x)) == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_weighted_losses_combine_and_skip_zero_weights():
+    x = _inputs(pair_logits=tf.constant([0.0]), pair_labels=tf.constant([1.0]), temperature=0.5)
+    total, parts = losses.weighted_losses({"log_loss": 2.0, "softmax": 0.0}, x)
+    assert set(parts) == {"log_loss"}
+    assert float(total) == pytest.approx(2 * math.log(2), rel=1e-6)
+    total, parts = losses.weighted_losses({"log_loss": 1.0, "softmax": 3.0}, x)
+    assert float(total) == pytest.approx(math.log(2) + 3 * math.log(1 + math.exp(-2)), rel=1e-6)

@@ -1,0 +1,108 @@
+"""End-to-end training: a tiny data set is fitted, training resumes, the CLI works."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from estimator import input_fn, metrics, train
+from estimator.config import CONFIG_FILE, Config
+from model_fixtures import tiny_config, write_prep_dir
+
+
+@pytest.fixture(scope="module")
+def prep_dir(tmp_path_factory):
+    return write_prep_dir(str(tmp_path_factory.mktemp("prep")), num_train=240,
+                          num_valid_queries=12, candidates=8, answers=2)
+
+
+class _LossRecorder(tf.compat.v1.train.SessionRunHook):
+    """Records the training loss of every step."""
+
+    def __init__(self):
+        self.losses = []
+
+    def before_run(self, run_context):
+        return tf.compat.v1.train.SessionRunArgs(
+            tf.compat.v1.get_default_graph().get_tensor_by_name("total_loss:0"))
+
+    def after_run(self, run_context, run_values):
+        self.losses.append(float(run_values.results))
+
+
+class _RecordingExporter(tf.estimator.Exporter):
+    """Stands in for the export module's best-NDCG@5 exporter."""
+
+    def __init__(self):
+        self.calls = []
+
+    @property
+    def name(self):
+        return "recording"
+
+    def export(self, estimator, export_path, checkpoint_path, eval_result, is_the_final_export):
+        self.calls.append((checkpoint_path, dict(eval_result), is_the_final_export))
+        return None
+
+
+def _valid_random_ndcg(data, cfg):
+    ds = input_fn.input_fn_builder(cfg, input_fn.split_files(data, "valid"),
+                                   tf.estimator.ModeKeys.EVAL)()
+    labels, qids = zip(*[(y.numpy(), f["query_id"].numpy()) for f, y in ds])
+    labels, qids = np.concatenate(labels), np.concatenate(qids)
+    rng = np.random.RandomState(0)
+    return np.mean([metrics.ndcg_numpy(rng.uniform(size=labels.size), labels, qids)
+                    for _ in range(50)])
+
+
+def test_fits_a_tiny_data_set(prep_dir, tmp_path):
+    cfg = train.resolve_config(tiny_config(train_steps=100, save_checkpoints_steps=1000),
+                               prep_dir)
+    model_dir = str(tmp_path / "model")
+    recorder, exporter = _LossRecorder(), _RecordingExporter()
+    after = train.train(cfg, prep_dir, model_dir, exporters=[exporter], train_hooks=[recorder])
+    assert len(exporter.calls) == 1
+    checkpoint, eval_result, final = exporter.calls[0]
+    assert checkpoint.endswith("model.ckpt-100") and final
+    assert eval_result["ndcg@5"] == pytest.approx(after["ndcg@5"])
+    assert after["global_step"] == 100
+    losses = recorder.losses
+    assert len(losses) == 100
+    assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-10:])
+    # 2 answers among 8 candidates: a random ranking scores ~0.45 (computed, not assumed).
+    random_ndcg = _valid_random_ndcg(prep_dir, cfg)
+    assert 0.3 < random_ndcg < 0.6
+    assert after["ndcg@5"] > 0.85 and after["ndcg@5"] > random_ndcg + 0.3, (random_ndcg, after)
+    saved = Config.load(model_dir)
+    assert saved.train_steps == 100 and saved.word_embedding_size == 8
+    events = tf.io.gfile.glob(os.path.join(model_dir, "events.out.tfevents.*"))
+    tags = set()
+    for path in events:
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    for tag in ("learning_rate", "loss/log_loss", "loss/softmax", "matcher/text_gate",
+                "matcher/word_to_region_entropy"):
+        assert tag in tags, sorted(tags)
+
+
+def test_resumes_from_checkpoint_and_continues_step_count(prep_dir, tmp_path):
+    model_dir = str(tmp_path / "model")
+    argv = ["--data", prep_dir, "--model-dir", model_dir, "--steps", "4",
+            "--set", "hidden_size=24", "--set", "pooled_size=16", "--set",
+            "intermediate_size=32", "--set", "box_hidden_size=32", "--set", "max_boxes=4",
+            "--set", "batch_size=8", "--set", "save_checkpoints_steps=1000",
+            "--set", "eval_throttle_secs=0", "--set", "eval_steps=1"]
+    assert train.main(argv) == 0
+    assert tf.train.load_variable(model_dir, "global_step") == 4
+    first = tf.train.load_variable(model_dir, "ranker/box_tower/feature_out/kernel")
+    with open(os.path.join(model_dir, CONFIG_FILE)) as f:
+        assert json.load(f)["hidden_size"] == 24
+    # Second run: config comes back from config.json; only the step total changes.
+    assert train.main(["--data", prep_dir, "--model-dir", model_dir, "--steps", "7"]) == 0
+    assert tf.train.load_variable(model_dir, "global_step") == 7
+    assert Config.load(model_dir).hidden_size == 24 and Config.load(model_dir).train_steps == 7
+    second = tf.train.load_variable(model_dir, "ranker/box_tower/feature_out/kernel")
+    assert first.shape == second.shape and not np.allclose(first, second)
+    ckpt = tf.train.get_checkpoint_state(model_dir)
+    assert ckpt.model_checkpoint_path.endswith("model.ckpt-7")
