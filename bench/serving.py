@@ -1,24 +1,43 @@
 """Serving latency: the SavedModel's `rank` signature vs the Estimator's own predict path.
 
-One query with 30 candidates per request, CPU, in-process, on the same rows in the same run:
+One query with 30 candidates per request, CPU, in-process, on the same rows, in one run;
+all cases are timed round-robin (each iteration runs every case once), so a busy machine
+slows them alike and the ratios to the Estimator stay comparable:
 
-  saved_model_rank   tf.saved_model.load(EXPORT).signatures["rank"], raw TSV fields in
-                     (base64 decoding, validation, query normalisation all in the graph).
-  saved_model_score_dense  the `score_dense` signature on the same rows decoded by the
-                     client (float tensors): isolates the cost of in-graph base64 decoding.
-  saved_model_rank_session  the `rank` signature run by a tf.compat.v1 Session, the way
-                     the TF Serving model server runs a SavedModel.
-  estimator_predict  estimator.predict() of model_fn PREDICT on the same 30 rows, fed as
-                     preprocessed features (numpy, as prep + input_fn produce them), one
-                     batch per query inside a single predict() call (steady state; the
-                     one-off graph build + restore is reported separately as setup_s).
+  estimator_predict    estimator.predict() of model_fn PREDICT on the 30 rows fed as
+                       preprocessed features (numpy, as prep + input_fn produce them), one
+                       batch per query inside a single predict() call (steady state; the
+                       one-off graph build + restore is reported as setup_s). The baseline.
+  saved_model_rank     the `rank` signature run by a TF1 Session (the SavedModel loaded with
+                       tf.compat.v1.saved_model.load), the way the TF Serving model server
+                       runs it: raw TSV fields in (base64 text), everything in the graph.
+  preprocessing_only   the same request, fetching only the model's inputs
+                       (`preprocessed/*`: query normalisation, base64 decoding, validation,
+                       box cap, geometry) instead of the scores.
+  model_only           the scores with `preprocessed/*` fed: the exported model alone.
+  saved_model_rank_raw_bytes / preprocessing_only_raw_bytes
+                       as above with the binary fields as raw little-endian bytes (what the
+                       REST API feeds for {"b64": ...} values, or a gRPC client can send).
+  saved_model_score_dense  the `score_dense` signature on client-decoded float tensors.
+  tf2_function_rank    the `rank` signature through tf.saved_model.load (a pruned
+                       function; load_s is its load time). TF 2.15 formats every input's
+                       repr when binding a TF1 signature's keyword arguments, which costs
+                       ~16 ms per call here: a Python client cost the model server does not
+                       pay. --skip-tf2 leaves it out.
+  baseline_saved_model_rank, baseline_saved_model_rank_raw_bytes,
+  baseline_tf2_function_rank  with --baseline-export: `rank` of another export (e.g. one written
+                       by an older version of export/) in the same run.
+
+`ratio_to_estimator` gives each case's p50 over the Estimator's p50. The load average at
+start and end is recorded (the machine may be shared).
 
 Prints and writes JSON (default bench/results/serving.json). Without --model-dir/--data/
 --export it builds a tiny world itself (generated data, prep, a randomly initialised
-checkpoint of a small Config, an export), so it runs anywhere in about a minute:
+checkpoint of the default Config, an export), so it runs anywhere in about a minute:
 
     python bench/serving.py [--model-dir M --data PREP --export EXPORT --input valid.tsv]
-                            [--candidates 30] [--iterations 200] [--out FILE]
+                            [--baseline-export OLD_EXPORT] [--candidates 30]
+                            [--iterations 200] [--skip-tf2] [--out FILE]
 """
 import argparse
 import base64
@@ -155,41 +174,18 @@ def _dense_inputs(rows):
             "image_w": np.array([int(r["image_w"]) for r in rows], np.int64)}
 
 
-def _time(fn, inputs, iterations, warmup, key):
-    for _ in range(warmup):
-        out = fn(**inputs)[key].numpy()
-    times = []
-    for _ in range(iterations):
-        t = time.perf_counter()
-        out = fn(**inputs)[key].numpy()
-        times.append(time.perf_counter() - t)
-    return _percentiles(times), out
+def _raw_bytes_inputs(rows):
+    """_rank_inputs with the binary fields as raw bytes instead of base64 text."""
+    out = _rank_inputs(rows)
+    for k in ("boxes", "features", "class_labels"):
+        out[k] = np.array([[base64.b64decode(r[k]) for r in rows]], dtype=object)
+    return out
 
 
-def bench_saved_model(export, rows, iterations, warmup=10):
+def _session(export):
+    """(session, meta_graph) of the newest version, loaded as the model server loads it."""
     import tensorflow as tf
-    import tensorflow_text  # noqa: F401
-
-    from export import rank
-
-    start = time.perf_counter()
-    model = tf.saved_model.load(rank.resolve_model_dir(export))
-    load_s = time.perf_counter() - start
-    rank_inputs = {k: tf.constant(v) for k, v in _rank_inputs(rows).items()}
-    rank_stats, scores = _time(model.signatures["rank"], rank_inputs, iterations, warmup,
-                               "scores")
-    dense_inputs = {k: tf.constant(v) for k, v in _dense_inputs(rows).items()}
-    dense_stats, dense_scores = _time(model.signatures["score_dense"], dense_inputs,
-                                      iterations, warmup, "score")
-    assert np.allclose(dense_scores, scores[0], atol=1e-5)
-    return dict(rank_stats, load_s=round(load_s, 2)), dense_stats, scores[0]
-
-
-def bench_saved_model_session(export, rows, iterations, warmup=10):
-    """The `rank` signature run by a TF1 Session, the way the TF Serving model server runs
-    a SavedModel (no tf.function wrapping)."""
-    import tensorflow as tf
-    import tensorflow_text  # noqa: F401
+    import tensorflow_text  # noqa: F401  (NormalizeUTF8)
 
     from export import rank
 
@@ -200,22 +196,82 @@ def bench_saved_model_session(export, rows, iterations, warmup=10):
         meta = tf.compat.v1.saved_model.load(sess, [tf.saved_model.SERVING],
                                              rank.resolve_model_dir(export))
         load_s = time.perf_counter() - start
-    sig = meta.signature_def["rank"]
-    feed = {graph.get_tensor_by_name(sig.inputs[k].name): v
-            for k, v in _rank_inputs(rows).items()}
-    fetch = graph.get_tensor_by_name(sig.outputs["scores"].name)
-    for _ in range(warmup):
-        sess.run(fetch, feed)
-    times = []
-    for _ in range(iterations):
-        t = time.perf_counter()
-        sess.run(fetch, feed)
-        times.append(time.perf_counter() - t)
-    sess.close()
-    return dict(_percentiles(times), load_s=round(load_s, 2))
+    return sess, meta, load_s
 
 
-def bench_estimator(model_dir, prep_dir, rows, iterations, warmup=10):
+def _signature_case(sess, meta, signature, inputs, output):
+    graph = sess.graph
+    sig = meta.signature_def[signature]
+    feed = {graph.get_tensor_by_name(sig.inputs[k].name): v for k, v in inputs.items()}
+    fetch = graph.get_tensor_by_name(sig.outputs[output].name)
+    return lambda: sess.run(fetch, feed)
+
+
+def _preprocessed(graph):
+    """{schema.F_* name: tensor} of the model's inputs, or None for an export without them."""
+    from data_prep import schema
+
+    names = (schema.F_TOKEN_IDS, schema.F_NUM_TOKENS, schema.F_BOX_FEATURES,
+             schema.F_BOX_GEOMETRY, schema.F_BOX_LABELS, schema.F_NUM_BOXES)
+    try:
+        return {n: graph.get_tensor_by_name(f"preprocessed/{n}:0") for n in names}
+    except KeyError:
+        return None
+
+
+def saved_model_cases(export, rows, skip_tf2=False, prefix=""):
+    """{case name: callable returning the scores (or the model inputs)}, {name: extra}."""
+    sess, meta, load_s = _session(export)
+    rank_inputs, raw_inputs = _rank_inputs(rows), _raw_bytes_inputs(rows)
+    cases = {prefix + "saved_model_rank": _signature_case(sess, meta, "rank", rank_inputs,
+                                                           "scores")}
+    cases[prefix + "saved_model_rank_raw_bytes"] = _signature_case(sess, meta, "rank",
+                                                                   raw_inputs, "scores")
+    extra = {prefix + "saved_model_rank": {"load_s": round(load_s, 2)}}
+    if not prefix:
+        _more_session_cases(cases, sess, meta, rows, rank_inputs, raw_inputs)
+    if not skip_tf2:
+        import tensorflow as tf
+
+        from export import rank
+
+        start = time.perf_counter()
+        model = tf.saved_model.load(rank.resolve_model_dir(export))
+        extra[prefix + "tf2_function_rank"] = {"load_s": round(time.perf_counter() - start, 2)}
+        fn = model.signatures["rank"]
+        tensors = {k: tf.constant(v) for k, v in rank_inputs.items()}
+        cases[prefix + "tf2_function_rank"] = lambda: fn(**tensors)["scores"].numpy()
+    return cases, extra
+
+
+def _more_session_cases(cases, sess, meta, rows, rank_inputs, raw_inputs):
+    cases["saved_model_score_dense"] = _signature_case(sess, meta, "score_dense",
+                                                       _dense_inputs(rows), "score")
+    pre = _preprocessed(sess.graph)
+    if pre is not None:
+        sig = meta.signature_def["rank"]
+        feed = {sess.graph.get_tensor_by_name(sig.inputs[k].name): v
+                for k, v in rank_inputs.items()}
+        raw_feed = {sess.graph.get_tensor_by_name(sig.inputs[k].name): v
+                    for k, v in raw_inputs.items()}
+        cases["preprocessing_only"] = lambda: sess.run(pre, feed)
+        cases["preprocessing_only_raw_bytes"] = lambda: sess.run(pre, raw_feed)
+        model_feed = dict(feed)
+        model_feed.update({pre[k]: v for k, v in sess.run(pre, feed).items()})
+        fetch = sess.graph.get_tensor_by_name(sig.outputs["scores"].name)
+        cases["model_only"] = lambda: sess.run(fetch, model_feed)
+
+
+def estimator_case(model_dir, prep_dir, rows, batches):
+    """(callable returning the next batch's scores, setup seconds, first scores).
+
+    estimator.predict() is a generator that keeps its graph as the default graph of the
+    thread stepping it, so it is stepped in a thread of its own (a queue round trip,
+    ~0.1 ms, is part of each measurement) and the other cases keep an eager main thread.
+    """
+    import queue
+    import threading
+
     import tensorflow as tf
 
     from estimator import config as config_lib
@@ -226,19 +282,44 @@ def bench_estimator(model_dir, prep_dir, rows, iterations, warmup=10):
     estimator = train_lib.build_estimator(cfg, model_dir, prep_dir, with_embeddings=False)
 
     def input_fn():
-        return tf.data.Dataset.from_tensors(features).repeat(warmup + iterations)
+        return tf.data.Dataset.from_tensors(features).repeat(batches + 1)
 
+    requests, results = queue.Queue(), queue.Queue()
+
+    def worker():
+        try:
+            stream = estimator.predict(input_fn, yield_single_examples=False)
+            while requests.get():
+                results.put(next(stream)["score"])
+        except BaseException as e:  # surfaced in the main thread
+            results.put(e)
+
+    def step():
+        requests.put(True)
+        out = results.get()
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    threading.Thread(target=worker, daemon=True).start()
     start = time.perf_counter()
-    stream = estimator.predict(input_fn, yield_single_examples=False)
-    first = next(stream)
+    first = step()
     setup_s = time.perf_counter() - start
-    times = []
-    for i in range(warmup + iterations - 1):
-        t = time.perf_counter()
-        out = next(stream)
-        if i >= warmup - 1:
-            times.append(time.perf_counter() - t)
-    return dict(_percentiles(times), setup_s=round(setup_s, 2)), first["score"]
+    return step, setup_s, first
+
+
+def run_round_robin(cases, iterations, warmup):
+    """Times every case once per iteration, in turn. Returns {name: stats}."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    times = {name: [] for name in cases}
+    for _ in range(iterations):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: _percentiles(t) for name, t in times.items()}
 
 
 def main(argv=None) -> int:
@@ -249,11 +330,16 @@ def main(argv=None) -> int:
     parser.add_argument("--input", help="a valid/test TSV (default: the tiny world's)")
     parser.add_argument("--candidates", type=int, default=CANDIDATES)
     parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--baseline-export",
+                        help="also time the rank signature of this export (e.g. an older one)")
+    parser.add_argument("--skip-tf2", action="store_true",
+                        help="leave out the tf.saved_model.load path (saves its load time)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                       "serving.json"))
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+    load_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         if args.model_dir and args.data and args.export and args.input:
             model_dir, prep, export, input_path = args.model_dir, args.data, args.export, \
@@ -263,28 +349,47 @@ def main(argv=None) -> int:
             model_dir, prep, export, input_path = _tiny_world(tmp)
             world = "tiny generated world, default Config, random weights"
         rows = _one_query(input_path, args.candidates)
-        sm, sm_dense, sm_scores = bench_saved_model(export, rows, args.iterations)
-        sm_session = bench_saved_model_session(export, rows, args.iterations)
-        est, est_scores = bench_estimator(model_dir, prep, rows, args.iterations)
+        cases, extra = saved_model_cases(export, rows, skip_tf2=args.skip_tf2)
+        if args.baseline_export:
+            more, more_extra = saved_model_cases(args.baseline_export, rows,
+                                                 skip_tf2=args.skip_tf2, prefix="baseline_")
+            cases.update(more)
+            extra.update(more_extra)
+        warmup = 10
+        est_fn, setup_s, est_scores = estimator_case(model_dir, prep, rows,
+                                                     2 * warmup + args.iterations + 1)
+        cases = dict({"estimator_predict": est_fn}, **cases)
+        extra["estimator_predict"] = {"setup_s": round(setup_s, 2)}
+        # Every score output of the same rows agrees with the Estimator's.
+        differences = {}
+        for name, fn in cases.items():
+            if "preprocessing" in name or name == "estimator_predict":
+                continue
+            scores = np.asarray(fn()).reshape(-1)
+            differences[name] = float(np.max(np.abs(scores - est_scores)))
+        stats = run_round_robin(cases, args.iterations, warmup)
         import tensorflow as tf
 
+        base = stats["estimator_predict"]["p50_ms"]
         result = {
-            "benchmark": "rank 1 query x %d candidates, CPU, in-process" % args.candidates,
-            "saved_model_rank": sm,
-            "estimator_predict": est,
-            # Same model, client-side decoded float tensors: the difference to
-            # saved_model_rank is the in-graph base64 decoding and validation.
-            "saved_model_score_dense": sm_dense,
-            # The same `rank` signature run by a TF1 Session, as the model server runs it.
-            "saved_model_rank_session": sm_session,
-            "max_abs_score_difference": float(np.max(np.abs(sm_scores - est_scores))),
+            "benchmark": "rank 1 query x %d candidates, CPU, in-process, round-robin"
+                         % args.candidates,
+        }
+        for name, value in stats.items():
+            result[name] = dict(value, **extra.get(name, {}))
+        result["ratio_to_estimator"] = {
+            name: round(value["p50_ms"] / base, 2) for name, value in stats.items()
+            if name != "estimator_predict"}
+        result.update({
+            "max_abs_score_difference": differences,
             "world": world,
             "tensorflow": tf.__version__,
             "cpus": os.cpu_count(),
-            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "load_average_start": load_start,
+            "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(),
             "unix_time": int(time.time()),
-        }
+        })
     text = json.dumps(result, indent=2)
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -197,8 +197,9 @@ def input_fn_builder(cfg, pattern_or_files, mode, data_dir=None, compression=Non
       input_fn(params=None, config=None, input_context=None) -> tf.data.Dataset yielding
       (features, labels) in TRAIN/EVAL and features in PREDICT. In TRAIN, files are sharded
       by `input_context` when a distribution strategy passes one, else by the RunConfig's
-      worker index under a TF_CONFIG cluster (with fewer files than workers every worker
-      reads all files); each worker shuffles with its own seed.
+      worker index under a TF_CONFIG cluster (with fewer files than workers, by record
+      position within each file), so no example is read twice per epoch; each worker
+      shuffles with its own seed.
     """
     data_dir = data_dir or cfg.data_dir
     files = _resolve_files(pattern_or_files)
@@ -225,9 +226,14 @@ def input_fn_builder(cfg, pattern_or_files, mode, data_dir=None, compression=Non
         if shard_files:
             ds = ds.shard(num_shards, shard)
 
+        # Fewer files than workers: each worker takes every num_shards-th record of each
+        # file, by position, so the workers' examples stay disjoint whatever their file order.
+        shard_records = mode == TRAIN and num_shards > 1 and not shard_files
+
         def read(path):
-            return tf.data.TFRecordDataset(path, compression_type=compression,
-                                           buffer_size=1 << 20)
+            records = tf.data.TFRecordDataset(path, compression_type=compression,
+                                              buffer_size=1 << 20)
+            return records.shard(num_shards, shard) if shard_records else records
 
         if mode == TRAIN:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)

@@ -10,8 +10,8 @@ increment). Evaluation on the valid split (whole queries per batch) runs at each
 (at most every `eval_throttle_secs`) and at the end; the final metrics are printed.
 
 Distributed: with TF_CONFIG set, `train_and_evaluate` runs the chief/worker/ps/evaluator
-roles; every worker reads all training files in its own shuffled order (the input_fn shards
-by `input_context` when a distribution strategy provides one).
+roles (see `mmrecall cluster-local`); each worker reads a disjoint share of the training
+files, the chief writes checkpoints, and the evaluator keeps the best export.
 """
 import argparse
 import json
@@ -123,6 +123,9 @@ def parse_args(argv):
     parser.add_argument("--config", default=None, help="a JSON file of config values")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value (JSON or a plain string); repeatable")
+    parser.add_argument("--no-export-best", action="store_true",
+                        help="do not keep the best SavedModel by valid NDCG@5 in "
+                             "MODEL_DIR/export/best_ndcg/ (kept by default)")
     return parser.parse_args(argv)
 
 
@@ -143,7 +146,12 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     tf.compat.v1.logging.set_verbosity(tf.compat.v1.logging.INFO)
     cfg = config_from_args(args)
-    metrics = train(cfg, args.data, args.model_dir)
+    exporters = []
+    if not args.no_export_best:
+        from export.export import BestNdcgExporter  # export builds on estimator, not back
+
+        exporters.append(BestNdcgExporter(args.data))
+    metrics = train(cfg, args.data, args.model_dir, exporters=exporters)
     if metrics is not None:
         printable = {k: v for k, v in sorted(metrics.items()) if np.ndim(v) == 0}
         print("final eval: " + json.dumps(printable, sort_keys=True))

@@ -16,7 +16,7 @@ field (`boxes: ...`, `features: ...`), never a crash or a silent garbage score.
 
 Dimension legend: B products, N boxes, F feature width (2048), G geometry width (6).
 """
-from typing import Dict, NamedTuple
+from typing import Dict, NamedTuple, Tuple
 
 import tensorflow as tf
 
@@ -52,8 +52,16 @@ def _with_checks(checks, tensors):
         return [tf.identity(t) for t in tensors]
 
 
-def _decode_b64(strings: tf.Tensor, num_boxes: tf.Tensor, bytes_per_box: int, field: str):
-    """Base64 text or raw bytes [B] -> (raw little-endian bytes [B], check op).
+class _B64Parts(NamedTuple):
+    """The check-free part of decoding one field (see _b64_parts)."""
+    strings: tf.Tensor    # string [B], the request's rows
+    is_text: tf.Tensor    # bool [B], the row is well-formed standard base64 text
+    ok: tf.Tensor         # bool scalar, every row is base64 text or raw bytes of the length
+    web_safe: tf.Tensor   # string [B], text rows in the web-safe alphabet, "" for raw rows
+
+
+def _b64_parts(strings: tf.Tensor, num_boxes: tf.Tensor, bytes_per_box: int) -> _B64Parts:
+    """The expensive, check-free part of reading base64 text or raw bytes [B].
 
     A row that is well-formed standard base64 text (as in the TSV) is decoded; any other row
     is taken as the raw bytes themselves (what TF Serving's REST API feeds for a
@@ -62,22 +70,44 @@ def _decode_b64(strings: tf.Tensor, num_boxes: tf.Tensor, bytes_per_box: int, fi
     outside the base64 alphabet (zero bytes, exponent bytes 0x3f/0x40), and a raw row that
     does not is decoded and then fails the length check: the text reading always wins, so a
     wrong num_boxes can never turn base64 text into "raw" garbage.
-    Fails naming `field`.
+
+    Nothing here can fail, so it runs without control dependencies: the alphabet scan
+    (`regex_full_match`, the costliest step) and the alphabet mapping of the three fields
+    run in parallel with each other and with the other checks. Only `DecodeBase64`, which
+    fails (without naming a field) on a character outside its alphabet, must wait for the
+    field's check (_decode_checked).
     """
-    raw_length = tf.cast(num_boxes, tf.int64) * bytes_per_box
+    length = tf.strings.length(strings)                                      # [B] int32
     is_text = tf.logical_and(tf.strings.regex_full_match(strings, _B64_PATTERN),
-                             tf.equal(tf.strings.length(strings) % 4, 0))          # [B]
-    raw_ok = tf.equal(tf.cast(tf.strings.length(strings), tf.int64), raw_length)
-    check = tf.debugging.assert_equal(
-        tf.reduce_all(tf.logical_or(is_text, raw_ok)), True,
-        message=f"{field}: neither standard base64 text (alphabet A-Z a-z 0-9 + /, '=' "
-                f"padding, length a multiple of 4) nor num_boxes x {bytes_per_box} raw bytes")
+                             tf.equal(length % 4, 0))                        # [B]
+    raw_ok = tf.equal(tf.cast(length, tf.int64),
+                      tf.cast(num_boxes, tf.int64) * bytes_per_box)
+    ok = tf.reduce_all(tf.logical_or(is_text, raw_ok))
+    # Raw rows are blanked first, so the mapping only walks text (a raw row is not scanned
+    # beyond its first byte outside the alphabet, where the regex stops).
     text = tf.where(is_text, strings, tf.fill(tf.shape(strings), ""))
-    with tf.control_dependencies([check]):
-        web_safe = tf.strings.regex_replace(tf.strings.regex_replace(text, r"\+", "-"),
-                                            "/", "_")
-        decoded = tf.io.decode_base64(web_safe)
-        return tf.where(is_text, decoded, strings), check
+    # tf.io.decode_base64 reads the web-safe alphabet only.
+    web_safe = tf.strings.regex_replace(tf.strings.regex_replace(text, r"\+", "-"), "/", "_")
+    return _B64Parts(strings, is_text, ok, web_safe)
+
+
+def _decode_checked(parts: _B64Parts, num_boxes: tf.Tensor, bytes_per_box: int, field: str,
+                    after) -> Tuple[tf.Tensor, tf.Operation]:
+    """Base64 check, decoding and length check of one field, run after the ops `after`.
+
+    Returns (raw little-endian bytes [B], the field's last check). Fails naming `field`.
+    """
+    with tf.control_dependencies(after):
+        b64_check = tf.debugging.assert_equal(
+            parts.ok, True,
+            message=f"{field}: neither standard base64 text (alphabet A-Z a-z 0-9 + /, '=' "
+                    f"padding, length a multiple of 4) nor num_boxes x {bytes_per_box} raw "
+                    f"bytes")
+    with tf.control_dependencies([b64_check]):
+        decoded = tf.where(parts.is_text, tf.io.decode_base64(parts.web_safe), parts.strings)
+    with tf.control_dependencies([b64_check]):
+        length_check = _check_lengths(decoded, num_boxes, bytes_per_box, field)
+    return decoded, length_check
 
 
 def _check_lengths(decoded: tf.Tensor, num_boxes: tf.Tensor, bytes_per_box: int,
@@ -129,18 +159,18 @@ def decode_b64_boxes(boxes: tf.Tensor, features: tf.Tensor, class_labels: tf.Ten
       N = the batch's largest num_boxes, zero past each row's count.
     """
     num_boxes = tf.cast(num_boxes, tf.int32)
-    # Checks run one after the other, in prep's order (data_prep.tsv.parse_row), so a
-    # request with several problems reports the one prep would.
+    fields = ((BOXES_FIELD, boxes, _BOX_BYTES), (FEATURES_FIELD, features, _FEATURE_BYTES),
+              (LABELS_FIELD, class_labels, _LABEL_BYTES))
+    # The heavy string work of the three fields has no control dependencies (it cannot
+    # fail) and runs in parallel; the checks run one after the other, in prep's order
+    # (data_prep.tsv.parse_row), so a request with several problems reports the one prep
+    # would.
+    parts = {field: _b64_parts(value, num_boxes, width) for field, value, width in fields}
     checks = _common_checks(num_boxes, image_h, image_w)
     raw = {}
-    for field, value, width in ((BOXES_FIELD, boxes, _BOX_BYTES),
-                                (FEATURES_FIELD, features, _FEATURE_BYTES),
-                                (LABELS_FIELD, class_labels, _LABEL_BYTES)):
-        with tf.control_dependencies(checks):
-            decoded, b64_check = _decode_b64(value, num_boxes, width, field)
-        with tf.control_dependencies([b64_check]):
-            length_check = _check_lengths(decoded, num_boxes, width, field)
-        raw[field] = decoded
+    for field, _, width in fields:
+        raw[field], length_check = _decode_checked(parts[field], num_boxes, width, field,
+                                                   checks)
         checks = [length_check]
     with tf.control_dependencies(checks):
         max_n = tf.reduce_max(num_boxes)
@@ -220,15 +250,19 @@ def _process(boxes, features, labels, num_boxes, image_h, image_w, max_boxes,
                             tf.logical_and(top < bottom, left < right))
     labels_ok = tf.logical_or(tf.logical_not(valid),
                               tf.logical_and(labels >= 0, labels < schema.NUM_CLASSES))
-    valid_f = tf.broadcast_to(valid[:, :, None], tf.shape(features))
+    # Features [B, N, F] are reduced per box first (two passes over them), then masked at
+    # [B, N]: no [B, N, F] masks. A box with a NaN fails the finiteness check, which is
+    # reported before the sign check, so the NaN-blind minimum is only read for finite boxes.
+    box_finite = tf.reduce_all(tf.math.is_finite(features), axis=2)        # [B, N]
+    box_min = tf.reduce_min(features, axis=2)                              # [B, N]
+    invalid = tf.logical_not(valid)
     # (condition, message) in prep's order (data_prep.tsv.parse_row); chained below so the
     # first failing one is reported.
     conditions = [
         (tf.logical_or(tf.logical_not(valid4), tf.math.is_finite(boxes)),
          f"{BOXES_FIELD}: not finite"),
-        (tf.logical_or(tf.logical_not(valid_f), tf.math.is_finite(features)),
-         f"{FEATURES_FIELD}: not finite"),
-        (tf.logical_or(tf.logical_not(valid_f), features >= 0.0),
+        (tf.logical_or(invalid, box_finite), f"{FEATURES_FIELD}: not finite"),
+        (tf.logical_or(invalid, box_min >= 0.0),
          f"{FEATURES_FIELD}: negative value (region features are >= 0)"),
         (labels_ok, f"{LABELS_FIELD}: class id outside [0, {schema.NUM_CLASSES})"),
         (tf.logical_or(tf.logical_not(valid4), inside),
@@ -264,13 +298,21 @@ def _process(boxes, features, labels, num_boxes, image_h, image_w, max_boxes,
     index = tf.where(kept, index, tf.zeros_like(index))                    # [B, K]
 
     kept_boxes = tf.gather(clipped, index, batch_dims=1)                   # [B, K, 4]
-    kept_features = tf.gather(features, index, batch_dims=1)               # [B, K, F]
     kept_labels = tf.gather(labels, index, batch_dims=1)                   # [B, K]
     geometry_rows = _relative_geometry(kept_boxes, image_h, image_w)       # [B, K, G]
 
+    # Features [B, N, F]: when no cap applies (K == N: every box is kept, in order) the
+    # gather is the identity and only the padding must be zeroed, one pass instead of two.
+    # Both branches give the same values (kept features are finite and >= 0).
+    kept_features = tf.cond(
+        tf.equal(k_pad, n_pad),
+        lambda: tf.where(kept[:, :, None], features, tf.zeros([], features.dtype)),
+        lambda: tf.where(kept[:, :, None], tf.gather(features, index, batch_dims=1),
+                         tf.zeros([], features.dtype)))                   # [B, K, F]
+
     keep_f = tf.cast(kept, tf.float32)
     return Products(
-        box_features=kept_features * keep_f[:, :, None],
+        box_features=kept_features,
         box_geometry=geometry_rows * keep_f[:, :, None],
         box_labels=tf.cast(kept_labels, tf.int32) * tf.cast(kept, tf.int32),
         num_boxes=kept_n,

@@ -37,6 +37,8 @@ EMBED_QUERY = "embed_query"
 EMBED_PRODUCT = "embed_product"
 SCORE_DENSE = "score_dense"
 EMBED_PRODUCT_DENSE = "embed_product_dense"
+# Name scope of the model's input tensors (schema.F_* names), e.g. "preprocessed/box_features:0".
+PREPROCESSED = "preprocessed"
 ALL_SIGNATURES = (SERVING_DEFAULT, RANK, EMBED_QUERY, EMBED_PRODUCT, SCORE_DENSE,
                   EMBED_PRODUCT_DENSE)
 
@@ -79,8 +81,16 @@ class ServingGraph:
 
     # --- building blocks ----------------------------------------------------------------
     def query_inputs(self, queries):
-        return text_graph.query_token_ids(queries, self.normalizer, self.vocab_table,
-                                          self.max_tokens)
+        """Raw queries [B] -> (token_ids int32 [B, T], num_tokens int32 [B]).
+
+        Each distinct query string is normalised once (`rank` repeats its query for every
+        candidate, and a client batching pairs repeats it too), then rows are gathered back;
+        integer results, so equal to normalising every row.
+        """
+        unique, row_of = tf.unique(queries)
+        token_ids, num_tokens = text_graph.query_token_ids(unique, self.normalizer,
+                                                           self.vocab_table, self.max_tokens)
+        return tf.gather(token_ids, row_of), tf.gather(num_tokens, row_of)
 
     def encode_query(self, queries):
         token_ids, num_tokens = self.query_inputs(queries)
@@ -161,9 +171,22 @@ class ServingGraph:
             }
         dense_inputs = dict(dense, **{f: fields[f] for f in PRODUCT_INT_FIELDS})
 
-        with tf.name_scope("model"):
+        with tf.name_scope("model") as model_scope:
             products = self.dense_products(dense_inputs)
-            q_states, q_pooled, num_tokens = self.encode_query(query)
+            token_ids, num_tokens = self.query_inputs(query)
+        # The model's inputs, named: fetching them measures the preprocessing alone, feeding
+        # them the model alone (bench/serving.py), as schema.F_* features.
+        with tf.name_scope(PREPROCESSED):
+            token_ids = tf.identity(token_ids, name=schema.F_TOKEN_IDS)
+            num_tokens = tf.identity(num_tokens, name=schema.F_NUM_TOKENS)
+            products = products._replace(
+                box_features=tf.identity(products.box_features, name=schema.F_BOX_FEATURES),
+                box_geometry=tf.identity(products.box_geometry, name=schema.F_BOX_GEOMETRY),
+                box_labels=tf.identity(products.box_labels, name=schema.F_BOX_LABELS),
+                num_boxes=tf.identity(products.num_boxes, name=schema.F_NUM_BOXES))
+        with tf.name_scope(model_scope):   # re-entered: "model/", not "model_1/"
+            q_states, q_pooled = self.ranker.encode_query(token_ids, num_tokens,
+                                                          training=False)
             p_states, p_pooled = self.encode_product(products)
             out = self.ranker.score_pairs(q_states, num_tokens, q_pooled, p_states,
                                           products.num_boxes, p_pooled, training=False)

@@ -129,9 +129,11 @@ def test_local_cluster_trains_from_both_workers_and_stops_everything(tmp_path):
     final = tf.train.latest_checkpoint(str(model))
     assert final is not None
     assert int(final.rsplit("-", 1)[1]) >= steps
-    # The evaluator evaluated the final checkpoint.
+    # The evaluator evaluated the final checkpoint and kept the best SavedModel.
     evaluator_log = (tmp_path / "logs" / "evaluator-0.log").read_text(errors="replace")
-    assert "ndcg@5" in evaluator_log
+    assert f"Saving dict for global step {final.rsplit('-', 1)[1]}:" in evaluator_log
+    best = list((model / "export" / "best_ndcg").glob("*/saved_model.pb"))
+    assert best, evaluator_log[-2000:]
     # No process of the cluster is left.
     assert len(result.pids) == 4
     assert not [name for name, pid in result.pids.items() if _alive(pid)]

@@ -126,6 +126,29 @@ def test_train_files_are_sharded_by_worker(prep_dir):
     assert got == expected and len(got) == 30
 
 
+def test_more_workers_than_files_split_records_disjointly(prep_dir):
+    files = input_fn.split_files(prep_dir, "train")
+    assert len(files) == 2
+    num_workers = 3
+    cfg = tiny_config(data_dir=prep_dir, batch_size=4, train_group_size=1)
+    seen = []
+    for worker_id in range(num_workers):
+        class FakeRunConfig:
+            num_worker_replicas = num_workers
+            global_id_in_cluster = worker_id
+
+        worker = input_fn.input_fn_builder(cfg, files, TRAIN, num_epochs=1)(
+            config=FakeRunConfig())
+        ids = [i for features, _ in worker for i in features[schema.F_PRODUCT_ID].numpy()]
+        seen.append(set(ids))
+        assert len(ids) == len(set(ids))
+    # 60 rows in two files of 30: each worker gets every 3rd record of each file (20 rows);
+    # batches of 4 drop no remainder at 20. Disjoint and together complete.
+    assert [len(s) for s in seen] == [20, 20, 20]
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert len(seen[0] | seen[1] | seen[2]) == 60
+
+
 def test_group_by_last_lemma_makes_runs_of_one_type(prep_dir):
     cfg = tiny_config(data_dir=prep_dir, batch_size=12, train_group_size=4)
     tokens = input_fn.vocab_tokens(prep_dir)
