@@ -9,7 +9,7 @@
 #   RUNS_DIR      where timestamped run directories go             (default: ./runs)
 #   RUN_DIR       this run's directory                             (default: RUNS_DIR/<timestamp>)
 #   PREP_DIR      reuse an existing `mmrecall prep` output         (default: RUN_DIR/prep)
-#   TRAIN_STEPS   training steps                                   (default: 1500)
+#   TRAIN_STEPS   training steps                                   (default: 3000)
 #   WORKERS       prep worker processes                            (default: nproc)
 #   SEED          generator and training seed                      (default: 1)
 #   GEN_ARGS      extra `mmrecall generate` flags                  (default: none)
@@ -22,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 RUNS_DIR=${RUNS_DIR:-runs}
 RUN_DIR=${RUN_DIR:-$RUNS_DIR/$(date +%Y%m%d-%H%M%S)}
-TRAIN_STEPS=${TRAIN_STEPS:-1500}
+TRAIN_STEPS=${TRAIN_STEPS:-3000}
 WORKERS=${WORKERS:-$(nproc)}
 SEED=${SEED:-1}
 GEN_ARGS=${GEN_ARGS:-}
@@ -81,4 +81,7 @@ echo
 echo "SavedModel:     $SAVED_MODEL"
 echo "Log:            $LOG"
 echo "TensorBoard:    tensorboard --logdir $MODEL_DIR"
-echo "valid NDCG@5:   $(tail -n 1 "$RUN_DIR/valid_score.txt")"
+python -c 'import json, sys
+r = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
+print("valid NDCG@5:   %.4f over %d queries (random ranking: ~0.2)" % (r["ndcg@5"], r["queries"]))' \
+  "$RUN_DIR/valid_score.txt"

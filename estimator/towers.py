@@ -14,7 +14,42 @@ from data_prep import schema
 from estimator import layers
 
 
-class TextTower(tf.keras.layers.Layer):
+class _EncoderTower(tf.keras.layers.Layer):
+    """The part both towers share: embedded inputs -> LayerNorm -> dropout -> N encoder
+    blocks -> attention pooling -> projection -> L2 normalisation.
+
+    Subclasses set hidden_size, pooled_size, num_heads, intermediate_size, num_layers and
+    dropout, call `_build_encoder()` in `build` and `_encode(...)` at the end of `call`.
+    """
+
+    def _build_encoder(self):
+        p = self.dtype_policy
+        self.input_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="input_norm",
+                                                             dtype=p)
+        self.input_dropout = tf.keras.layers.Dropout(self.dropout, name="input_dropout", dtype=p)
+        self.blocks = [
+            layers.TransformerEncoderBlock(self.hidden_size, self.num_heads,
+                                           self.intermediate_size, self.dropout,
+                                           name=f"encoder_{i}", dtype=p)
+            for i in range(self.num_layers)]
+        self.pooling = layers.AttentionPooling(self.hidden_size, name="pooling", dtype=p)
+        self.pooled_projection = tf.keras.layers.Dense(self.pooled_size,
+                                                       name="pooled_projection", dtype=p)
+
+    def _encode(self, x, mask, training):
+        """x [B, L, D] summed input embeddings, mask [B, L] -> (states [B, L, D],
+        pooled [B, E] float32 unit vectors, {"self_attention_entropy": [per block]})."""
+        x = self.input_dropout(self.input_norm(x), training=training)
+        entropies = []
+        for block in self.blocks:
+            x, probs = block(x, mask, training=training)                     # [B, L, D]
+            entropies.append(layers.attention_entropy(probs, mask))
+        pooled = self.pooled_projection(self.pooling(x, mask))               # [B, E]
+        pooled = tf.math.l2_normalize(tf.cast(pooled, tf.float32), -1)
+        return x, pooled, {"self_attention_entropy": entropies}
+
+
+class TextTower(_EncoderTower):
     """Word embedding (word2vec-initialised) + learned positions -> N encoder blocks.
 
     call(token_ids [B, T] int32, num_tokens [B] int32) -> (states [B, T, D],
@@ -58,17 +93,7 @@ class TextTower(tf.keras.layers.Layer):
             self.max_tokens, self.hidden_size,
             embeddings_initializer=tf.keras.initializers.TruncatedNormal(stddev=0.02),
             name="position_embedding", dtype=p)
-        self.input_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="input_norm",
-                                                             dtype=p)
-        self.input_dropout = tf.keras.layers.Dropout(self.dropout, name="input_dropout", dtype=p)
-        self.blocks = [
-            layers.TransformerEncoderBlock(self.hidden_size, self.num_heads,
-                                           self.intermediate_size, self.dropout,
-                                           name=f"encoder_{i}", dtype=p)
-            for i in range(self.num_layers)]
-        self.pooling = layers.AttentionPooling(self.hidden_size, name="pooling", dtype=p)
-        self.pooled_projection = tf.keras.layers.Dense(self.pooled_size,
-                                                       name="pooled_projection", dtype=p)
+        self._build_encoder()
         super().build(input_shape)
 
     @tf.autograph.experimental.do_not_convert
@@ -81,15 +106,7 @@ class TextTower(tf.keras.layers.Layer):
         mask = layers.sequence_mask(num_tokens, t)                           # [B, T]
         words = self.word_projection(self.word_embedding(token_ids))         # [B, T, D]
         positions = self.position_embedding(tf.range(t))                     # [T, D]
-        x = self.input_norm(words + positions[tf.newaxis])                   # [B, T, D]
-        x = self.input_dropout(x, training=training)
-        entropies = []
-        for block in self.blocks:
-            x, probs = block(x, mask, training=training)                     # [B, T, D]
-            entropies.append(layers.attention_entropy(probs, mask))
-        pooled = self.pooled_projection(self.pooling(x, mask))               # [B, E]
-        pooled = tf.math.l2_normalize(tf.cast(pooled, tf.float32), -1)
-        return x, pooled, {"self_attention_entropy": entropies}
+        return self._encode(words + positions[tf.newaxis], mask, training)  # [B, T, D]
 
     def get_config(self):
         return dict(super().get_config(), vocab_size=self.vocab_size,
@@ -100,7 +117,7 @@ class TextTower(tf.keras.layers.Layer):
                     dropout=self.dropout, trainable_embeddings=self.trainable_embeddings)
 
 
-class BoxTower(tf.keras.layers.Layer):
+class BoxTower(_EncoderTower):
     """DETR-style region encoder.
 
     Each region's content (a DNN over its 2048-d feature), its metadata (relative geometry
@@ -140,17 +157,7 @@ class BoxTower(tf.keras.layers.Layer):
             schema.NUM_CLASSES, self.hidden_size,
             embeddings_initializer=tf.keras.initializers.TruncatedNormal(stddev=0.02),
             name="label_embedding", dtype=p)
-        self.input_norm = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="input_norm",
-                                                             dtype=p)
-        self.input_dropout = tf.keras.layers.Dropout(self.dropout, name="input_dropout", dtype=p)
-        self.blocks = [
-            layers.TransformerEncoderBlock(self.hidden_size, self.num_heads,
-                                           self.intermediate_size, self.dropout,
-                                           name=f"encoder_{i}", dtype=p)
-            for i in range(self.num_layers)]
-        self.pooling = layers.AttentionPooling(self.hidden_size, name="pooling", dtype=p)
-        self.pooled_projection = tf.keras.layers.Dense(self.pooled_size,
-                                                       name="pooled_projection", dtype=p)
+        self._build_encoder()
         super().build(input_shape)
 
     @tf.autograph.experimental.do_not_convert
@@ -164,15 +171,7 @@ class BoxTower(tf.keras.layers.Layer):
         geometry = self.geometry_out(self.geometry_hidden(box_geometry))    # [B, N, D]
         labels = tf.clip_by_value(box_labels, 0, schema.NUM_CLASSES - 1)
         label_emb = self.label_embedding(labels)                             # [B, N, D]
-        x = self.input_norm(content + geometry + label_emb)                  # [B, N, D]
-        x = self.input_dropout(x, training=training)
-        entropies = []
-        for block in self.blocks:
-            x, probs = block(x, mask, training=training)                     # [B, N, D]
-            entropies.append(layers.attention_entropy(probs, mask))
-        pooled = self.pooled_projection(self.pooling(x, mask))               # [B, E]
-        pooled = tf.math.l2_normalize(tf.cast(pooled, tf.float32), -1)
-        return x, pooled, {"self_attention_entropy": entropies}
+        return self._encode(content + geometry + label_emb, mask, training)  # [B, N, D]
 
     def get_config(self):
         return dict(super().get_config(), hidden_size=self.hidden_size,
