@@ -22,7 +22,7 @@ K negatives per positive.
 import dataclasses
 import json
 import os
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 CONFIG_FILE = "config.json"
 
@@ -95,6 +95,23 @@ class Config:
     log_step_count_steps: int = 50
     mixed_precision: bool = False      # Keras "mixed_float16" policy + dynamic loss scaling
     xla: bool = False                  # XLA auto-clustering (global_jit_level ON_1)
+    # In-machine data parallelism: "" = none; "mirrored" = tf.distribute.MirroredStrategy
+    # as RunConfig(train_distribute=..., eval_distribute=...). Under it (TF 2.15 Estimator,
+    # make_input_fn_iterator + MultiDeviceIterator) each replica takes its OWN whole batch
+    # from the input_fn: batch_size (and eval_queries_per_batch) are PER REPLICA, a step
+    # consumes batch_size * replicas rows, and in-batch negatives stay within a replica's
+    # batch. Gradients are averaged over replicas (the v1 optimiser scales the loss by
+    # 1/replicas) and clipped on the global norm of that mean (as on one device); training
+    # summaries come from replica 0's batch, the logged loss is the replicas' mean (the
+    # CPU-only device lists use ReductionToOneDevice). EVAL: each replica scores whole eval
+    # batches, the tf.compat.v1 metrics (NDCG@5, AUC, means) sum their counters over
+    # replicas; the last < replicas batches of the valid split may be left out (the
+    # iterator stops when one device runs dry), so use eval_steps=0 with care when
+    # comparing runs with different replica counts. Variable names and checkpoints are the
+    # same as without the strategy (an export restores either).
+    distribute: str = ""
+    # Devices of the strategy, e.g. ["/gpu:0", "/gpu:1"]; empty = all GPUs (or the CPU).
+    distribute_devices: List[str] = dataclasses.field(default_factory=list)
 
     # ------------------------------------------------------------------------------------
     def to_json(self) -> str:
@@ -175,3 +192,11 @@ class Config:
             raise ValueError("need num_negatives >= 0, batch_size >= 2, max_query_tokens >= 1")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
+        if self.distribute not in ("", "mirrored"):
+            raise ValueError(f"distribute must be '' or mirrored: {self.distribute!r}")
+        if (not isinstance(self.distribute_devices, (list, tuple))
+                or not all(isinstance(d, str) and d for d in self.distribute_devices)):
+            raise ValueError("distribute_devices must be a list of device strings: "
+                             f"{self.distribute_devices!r}")
+        if self.distribute_devices and not self.distribute:
+            raise ValueError("distribute_devices needs distribute=mirrored")

@@ -58,6 +58,14 @@ def _decay_variables(variables):
     return [v for v in variables if not any(s in v.name for s in skip)]
 
 
+def _replica_context():
+    """(replica context, replicas in sync); (None, 1) outside a distribution strategy."""
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return None, 1
+    ctx = tf.distribute.get_replica_context()
+    return ctx, ctx.num_replicas_in_sync
+
+
 def _train_op(cfg, loss, global_step):
     lr = learning_rate_schedule(cfg, global_step)
     tf.compat.v1.summary.scalar("learning_rate", lr)
@@ -69,7 +77,15 @@ def _train_op(cfg, loss, global_step):
                       if g is not None]
     grads, tvars = zip(*grads_and_vars)
     if cfg.clip_norm > 0:
-        grads, norm = tf.clip_by_global_norm(grads, cfg.clip_norm)
+        use_norm = None
+        replica_ctx, replicas = _replica_context()
+        if replicas > 1:
+            # Under a strategy (Config.distribute) each replica holds its share of the
+            # gradient (the v1 optimiser scaled the loss by 1/replicas) and apply_gradients
+            # sums the shares: clip on the norm of that sum, as one device would.
+            use_norm = tf.linalg.global_norm(
+                replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads)))
+        grads, norm = tf.clip_by_global_norm(grads, cfg.clip_norm, use_norm=use_norm)
         tf.compat.v1.summary.scalar("gradient_norm", norm)
     if cfg.optimizer == "adamw" and cfg.weight_decay > 0:
         # Decoupled weight decay (Loshchilov & Hutter): p -= lr * wd * p, applied after the
@@ -194,9 +210,19 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
             scaffold = None
             if embeddings is not None:
                 emb_var = ranker.text_tower.word_embedding.embeddings
-                placeholder = tf.compat.v1.placeholder(tf.float32, embeddings.shape,
-                                                       name="word2vec_init")
-                assign = emb_var.assign(placeholder)
+
+                def make_init(_=None):
+                    feed = tf.compat.v1.placeholder(tf.float32, embeddings.shape,
+                                                    name="word2vec_init")
+                    return feed, emb_var.assign(feed)
+
+                replica_ctx, replicas = _replica_context()
+                if replicas > 1:
+                    # In a replica, assigning a mirrored variable sets that replica's copy
+                    # only, and the Estimator runs replica 0's init_fn: assign every copy.
+                    placeholder, assign = replica_ctx.merge_call(make_init)
+                else:
+                    placeholder, assign = make_init()
 
                 def init_fn(_, session):
                     session.run(assign, {placeholder: embeddings})

@@ -45,18 +45,34 @@ def resolve_config(cfg: Config, data_dir: str) -> Config:
     return Config.from_dict(values, cfg)
 
 
+def distribution_strategy(cfg: Config) -> Optional[tf.distribute.Strategy]:
+    """The strategy of `cfg.distribute` (None without one); see the Config field."""
+    if not cfg.distribute:
+        return None
+    # cfg.distribute == "mirrored" (validated): in-graph replicas on this machine's devices.
+    devices = list(cfg.distribute_devices) or None
+    cross_device_ops = None  # GPUs: the strategy's choice (NCCL all-reduce)
+    if devices and all("cpu" in d.lower() for d in devices):
+        # Several (logical) CPU devices: the default collective ring all-reduce hangs in
+        # the Estimator's graph session; reduce on the first device and broadcast.
+        cross_device_ops = tf.distribute.ReductionToOneDevice()
+    return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross_device_ops)
+
+
 def run_config(cfg: Config, model_dir: str) -> tf.estimator.RunConfig:
     session_config = tf.compat.v1.ConfigProto(allow_soft_placement=True)
     if cfg.xla:
         session_config.graph_options.optimizer_options.global_jit_level = (
             tf.compat.v1.OptimizerOptions.ON_1)
+    strategy = distribution_strategy(cfg)
     return tf.estimator.RunConfig(
         model_dir=model_dir, tf_random_seed=cfg.seed,
         save_checkpoints_steps=cfg.save_checkpoints_steps,
         keep_checkpoint_max=cfg.keep_checkpoint_max,
         save_summary_steps=cfg.save_summary_steps,
         log_step_count_steps=cfg.log_step_count_steps,
-        session_config=session_config)
+        session_config=session_config,
+        train_distribute=strategy, eval_distribute=strategy)
 
 
 def build_estimator(cfg: Config, model_dir: str, data_dir: Optional[str] = None,

@@ -30,7 +30,9 @@ def test_overrides_parse_json_and_fall_back_to_strings():
 @pytest.mark.parametrize("bad", [
     ["no_such_key=1"], ["sampler=nearest"], ["loss_weights={\"focal\": 1}"],
     ["hidden_size=30", "num_heads=4"], ["serving_score=max"], ["temperature=0"],
-    ['loss_weights={"softmax": 0}'], ["novalue"],
+    ['loss_weights={"softmax": 0}'], ["novalue"], ["distribute=horovod"],
+    ['distribute_devices=["/gpu:0"]'], ["distribute=mirrored", "distribute_devices=/gpu:0"],
+    ['distribute=mirrored', 'distribute_devices=[""]'],
 ])
 def test_bad_settings_raise(bad):
     with pytest.raises(ValueError):
@@ -50,3 +52,15 @@ def test_cli_precedence_defaults_model_dir_file_set_steps(tmp_path):
     assert cfg.batch_size == 4            # --set beats --config
     assert cfg.train_steps == 11          # --steps beats everything
     assert cfg.dropout == Config().dropout
+
+
+def test_distribute_fields_and_strategy():
+    assert Config().distribute == "" and Config().distribute_devices == []
+    assert train.distribution_strategy(Config()) is None
+    assert train.run_config(Config(), "m").train_distribute is None
+    cfg = Config().with_overrides(["distribute=mirrored", 'distribute_devices=["/cpu:0"]'])
+    assert cfg.distribute_devices == ["/cpu:0"]
+    assert Config.from_json(cfg.to_json()) == cfg
+    run = train.run_config(cfg, "m")
+    assert run.train_distribute is run.eval_distribute
+    assert run.train_distribute.num_replicas_in_sync == 1
