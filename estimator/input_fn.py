@@ -19,13 +19,12 @@ Dimension legend: B batch, T tokens (<= max_query_tokens), N boxes (<= max_boxes
 F 2048, G 6.
 """
 import glob
-import json
 import os
 from typing import List, Sequence, Union
 
 import tensorflow as tf
 
-from data_prep import schema, vocab
+from data_prep import prep, schema, vocab
 
 TRAIN = tf.estimator.ModeKeys.TRAIN
 EVAL = tf.estimator.ModeKeys.EVAL
@@ -35,17 +34,16 @@ PREDICT = tf.estimator.ModeKeys.PREDICT
 # ---------------------------------------------------------------------------------------
 # Manifest helpers.
 def load_manifest(data_dir: str) -> dict:
-    with open(os.path.join(data_dir, schema.MANIFEST_FILE), encoding="utf-8") as f:
-        return json.load(f)
+    """The prep manifest (data_prep.prep.load_manifest: checks the schema version)."""
+    return prep.load_manifest(data_dir)
 
 
 def split_files(data_dir: str, split: str) -> List[str]:
-    """Absolute shard paths of one split, in manifest order (empty if the split is absent)."""
-    manifest = load_manifest(data_dir)
-    info = manifest.get("splits", {}).get(split)
-    if not info:
+    """Absolute paths of a split's non-empty shards, in manifest order (empty if absent)."""
+    try:
+        return prep.split_files(data_dir, split)
+    except KeyError:
         return []
-    return [os.path.join(data_dir, s["file"]) for s in info["shards"]]
 
 
 def split_rows(data_dir: str, split: str) -> int:
@@ -58,9 +56,17 @@ def compression_type(data_dir: str) -> str:
 
 
 def vocab_tokens(data_dir: str) -> List[str]:
+    """The prep's vocabulary, index == id (the training and serving lookups use it).
+
+    Raises:
+      ValueError: the prep had no train split, so it built no vocabulary.
+    """
     manifest = load_manifest(data_dir)
-    path = os.path.join(data_dir, manifest.get("vocab", schema.VOCAB_FILE))
-    return [t for t, _ in vocab.load_vocab(path)]
+    name = manifest.get("vocab", schema.VOCAB_FILE)
+    if not name:
+        raise ValueError(f"{data_dir}: the prep built no vocabulary (it had no --train); "
+                         f"rerun mmrecall prep with the train split")
+    return [t for t, _ in vocab.load_vocab(os.path.join(data_dir, name))]
 
 
 def _resolve_files(pattern_or_files: Union[str, Sequence[str]]) -> List[str]:

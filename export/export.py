@@ -28,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_prep import schema
-from data_prep import vocab as vocab_lib
+from estimator import input_fn as input_lib
 from export import product_graph as pg
 from export import signatures as sig_lib
 
@@ -49,16 +49,10 @@ class ExportSpec:
     word_embedding_size: int
 
 
-def read_manifest(data_dir: str) -> dict:
-    with open(os.path.join(data_dir, schema.MANIFEST_FILE), encoding="utf-8") as f:
-        return json.load(f)
-
-
 def export_spec(cfg, data_dir: str) -> ExportSpec:
     """Collects vocabulary, caps and flags from a prep directory and a training Config."""
-    manifest = read_manifest(data_dir)
-    vocab_path = os.path.join(data_dir, manifest.get("vocab", schema.VOCAB_FILE))
-    tokens = [t for t, _ in vocab_lib.load_vocab(vocab_path)]
+    manifest = input_lib.load_manifest(data_dir)
+    tokens = input_lib.vocab_tokens(data_dir)
     width = cfg.word_embedding_size or int(manifest.get("embedding_dim", 0))
     if not width:
         # Training initialises the embedding from word2vec.npy, so its width is the model's.

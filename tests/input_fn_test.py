@@ -24,6 +24,20 @@ def _write(path, rows):
             w.write(r)
 
 
+def test_prep_without_vocabulary_is_a_clear_error(prep_dir, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "no_vocab"
+    shutil.copytree(prep_dir, copy)
+    manifest = json.loads((copy / schema.MANIFEST_FILE).read_text())
+    manifest["vocab"] = None          # what prep writes when it had no train split
+    (copy / schema.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="no vocabulary"):
+        input_fn.vocab_tokens(str(copy))
+    assert input_fn.split_files(str(copy), "test") == []     # absent split: no files
+
+
 def test_parse_batch_values_caps_and_lookup(prep_dir, tmp_path):
     rng = np.random.RandomState(0)
     tokens = [t for t, _ in vocab.load_vocab(f"{prep_dir}/vocab.tsv")]
