@@ -14,6 +14,7 @@ setup(
     install_requires=[
         "tensorflow==2.15.1",
         "tensorflow-text==2.15.0",
+        "google-crc32c>=1.5,<2",  # TFRecord framing in prep workers, without TensorFlow
         "numpy<2",
         "gensim>=4.3,<5",
         "spacy>=3.8,<3.9",

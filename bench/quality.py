@@ -14,8 +14,10 @@ into a temporary directory. Rows of the table:
   (d) full model, default config (hard negatives + both losses + same-type runs in
       batches), cross-attention score
   (e) (d)'s model scored by cross score + tower score (the default serving score)
-Every trained variant gets the same steps, batch size and seed. Prints a table and writes
-JSON (default bench/results/quality.json).
+Every trained variant gets the same steps, batch size and seeds. Runs differ by several
+points of NDCG@5 from one model seed to the next, so compare variants over several seeds
+(`--model-seeds 7,8,9`): each row reports the mean, the spread and every seed's value. Prints a
+table and writes JSON (default bench/results/quality.json) after every run.
 """
 import argparse
 import json
@@ -79,6 +81,15 @@ def valid_labels(data_dir, cfg):
     return np.concatenate(labels), np.concatenate(qids)
 
 
+def _summary_row(name, description, key, runs):
+    """One table row: mean and population std of `key` over the seeds' eval results."""
+    values = [float(r["eval"][key]) for r in runs]
+    return {"variant": name, "description": description, "metric": key,
+            "ndcg@5": float(np.mean(values)), "ndcg@5_std": float(np.std(values)),
+            "per_seed": values, "seconds": round(sum(r["seconds"] for r in runs), 1),
+            "runs": runs}
+
+
 def _write_report(args, data, base, labels, qids, rows):
     """Writes the JSON (after every variant, so a partial run keeps its results)."""
     report = {"data": data, "steps": args.steps, "batch_size": args.batch_size,
@@ -98,7 +109,10 @@ def main(argv=None):
     parser.add_argument("--train-rows", type=int, default=20000)
     parser.add_argument("--valid-queries", type=int, default=150)
     parser.add_argument("--max-boxes", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--seed", type=int, default=7, help="data generation seed")
+    parser.add_argument("--model-seeds", default="7",
+                        help="comma-separated Config.seed values; each variant trains once per "
+                             "seed and reports the mean")
     parser.add_argument("--variants", default="d_full,b_towers,c_seed,b_towers_plain",
                         help="comma-separated subset of " + ",".join(VARIANTS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -126,28 +140,34 @@ def main(argv=None):
     _write_report(args, data, base, labels, qids, rows)
     print(f"(a) random ranking: NDCG@5 {random_ndcg:.4f}", flush=True)
 
-    results = {}
+    seeds = [int(x) for x in args.model_seeds.split(",") if x]
     for name in [v for v in args.variants.split(",") if v]:
         description, overrides, key = VARIANTS[name]
-        cfg = Config.from_dict(overrides, base)
-        model_dir = os.path.join(work, "models", name)
-        start = time.time()
-        out = train.train(cfg, data, model_dir)
-        seconds = time.time() - start
-        results[name] = out
-        rows.append({"variant": name, "description": description, "ndcg@5": out[key],
-                     "seconds": round(seconds, 1), "eval": {k: v for k, v in out.items()
-                                                            if np.ndim(v) == 0}})
-        print(f"({name}) {description}: NDCG@5 {out[key]:.4f} in {seconds:.0f}s", flush=True)
+        runs = []
+        for seed in seeds:
+            cfg = Config.from_dict(dict(overrides, seed=seed), base)
+            model_dir = os.path.join(work, "models", name if len(seeds) == 1 else
+                                     f"{name}-seed{seed}")
+            start = time.time()
+            out = train.train(cfg, data, model_dir)
+            runs.append({"seed": seed, "seconds": round(time.time() - start, 1),
+                         "eval": {k: v for k, v in out.items() if np.ndim(v) == 0}})
+            print(f"({name}) seed {seed}: NDCG@5 {out[key]:.4f} in {runs[-1]['seconds']:.0f}s",
+                  flush=True)
+        rows.append(_summary_row(name, description, key, runs))
+        print(f"({name}) {description}: NDCG@5 {rows[-1]['ndcg@5']:.4f} "
+              f"+- {rows[-1]['ndcg@5_std']:.4f} over {len(runs)} seed(s)", flush=True)
         if name == E_FROM[0]:
-            rows.append({"variant": "e_full_sum", "ndcg@5": out[E_FROM[1]],
-                         "description": "(d)'s model, cross score + tower score",
-                         "seconds": round(seconds, 1)})
+            rows.append(_summary_row("e_full_sum", "(d)'s model, cross score + tower score",
+                                     E_FROM[1], runs))
         _write_report(args, data, base, labels, qids, rows)
 
-    print("\n| variant | description | NDCG@5 | seconds |\n|---|---|---|---|")
+    print("\n| variant | description | NDCG@5 (mean) | std | per seed | seconds |\n"
+          "|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['description']} | {r['ndcg@5']:.4f} | {r['seconds']} |")
+        per_seed = " ".join(f"{v:.3f}" for v in r.get("per_seed", []))
+        print(f"| {r['variant']} | {r['description']} | {r['ndcg@5']:.4f} | "
+              f"{r.get('ndcg@5_std', 0.0):.4f} | {per_seed} | {r['seconds']} |")
     _write_report(args, data, base, labels, qids, rows)
     print(f"wrote {args.out}")
     return 0

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Dict, FrozenSet, List, Optional, Tuple
 
-from data_prep import schema, tsv, vocab, word2vec, write
+from data_prep import schema, text, tsv, vocab, word2vec, write
 
 REJECTS_DIR = "rejects"
 ANSWERS_STATE = f"{write.STATE_DIR}/valid.answers.json"
@@ -222,7 +222,7 @@ class _Runner:
         barrier = ctx.Barrier(workers + 1)
         self.pool = ctx.Pool(workers, initializer=write.init_worker,
                              initargs=(config, barrier))
-        try:  # until every worker has imported TensorFlow and the lemmatizer
+        try:  # until every worker has loaded the lemmatizer (workers never load TensorFlow)
             barrier.wait(timeout=_WORKER_START_TIMEOUT_S)
         except threading.BrokenBarrierError:
             self.pool.terminate()
@@ -245,8 +245,8 @@ class _Runner:
 
     def close(self) -> None:
         if self.pool is not None:
-            # Every task has returned (or failed) by now; terminating spares the seconds
-            # TensorFlow takes to tear down in each worker on a clean exit.
+            # Every task has returned (or failed) by now: nothing is lost by terminating,
+            # which is quicker than a clean exit.
             self.pool.terminate()
             self.pool.join()
 
@@ -373,6 +373,7 @@ def finalize(options: PrepOptions, sources: Dict[str, str], num_chunks: Dict[str
     out = options.out
     manifest = {
         "schema_version": schema.SCHEMA_VERSION,
+        "normalization_version": text.NORMALIZATION_VERSION,
         "compression": "GZIP" if options.gzip else "",
         "max_boxes": options.max_boxes,
         "drop_leading_be": not options.keep_leading_be,
@@ -424,8 +425,10 @@ def run(options: PrepOptions) -> dict:
 
     Returns:
       {"manifest": the manifest (None for a partial run), "splits": per-split counters,
-       "seconds": wall "startup", "shards", "finalize"; CPU "shards_main_cpu" (main
-       process while shards were written) and "shards_chunk_cpu" (all workers, chunks only)}.
+       "seconds": wall "startup" (workers warm), "shards" (until the last shard is done),
+       "finalize" (stopping workers, vocabulary, word2vec, manifest); CPU "shards_main_cpu"
+       (main process while shards were written) and "shards_chunk_cpu" (all workers,
+       chunks only)}.
 
     Raises:
       PrepError, tsv.TsvFormatError: bad options or inputs (messages name the file).
@@ -456,9 +459,9 @@ def run(options: PrepOptions) -> dict:
     try:
         stats = {split: _run_split(runner, options, split, os.path.abspath(path))
                  for split, path in options.inputs()}
+        t2, cpu2 = time.perf_counter(), time.process_time()  # the last shard is done
     finally:
         runner.close()
-    t2, cpu2 = time.perf_counter(), time.process_time()
     sources = {split: os.path.abspath(path) for split, path in options.inputs()}
     chunks = {split: s["num_chunks"] for split, s in stats.items()}
     if options.num_shards > 1:

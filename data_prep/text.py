@@ -7,7 +7,8 @@ Steps, in order:
      punctuation and common Unicode punctuation) separates tokens and is dropped.
   4. Lemmatisation with spaCy's lookup lemmatizer (`spacy.blank("en")` + the English
      `lemma_lookup` table of spacy-lookups-data): a token's lemma is its table entry, or the
-     token itself when it has none.
+     token itself when it has none; NOUN_LEMMAS overrides the few plurals of product nouns
+     that the table reads as verbs ("shelves" -> "shelve") or lacks ("hoodies").
   5. Optionally, leading tokens whose lemma is "be" are dropped ("is a red dress" -> "red
      dress"), as the real queries sometimes start with one.
 
@@ -27,6 +28,15 @@ import unicodedata
 from typing import Dict, List, Sequence
 
 BE_LEMMA = "be"
+# Bumped whenever normalisation can give other lemmas for the same text: prep records it in
+# the manifest and in each shard's fingerprint, so a resumed prep rewrites older shards.
+NORMALIZATION_VERSION = 2
+# Search queries name things: these plurals mean the noun, whatever else the table says.
+NOUN_LEMMAS = {
+    "shelves": "shelf", "leaves": "leaf", "halves": "half", "calves": "calf",
+    "thieves": "thief", "hoodies": "hoodie", "onesies": "onesie", "beanies": "beanie",
+    "cookies": "cookie", "polos": "polo",
+}
 
 # ASCII punctuation, all of it: !"#$%&'()*+,-./:;<=>?@[\]^_`{|}~
 _ASCII_PUNCT = [c for c in range(0x21, 0x7F) if not chr(c).isalnum()]
@@ -86,7 +96,7 @@ def lemmatize(tokens: Sequence[str]) -> List[str]:
 
     nlp = _nlp()
     doc = nlp.get_pipe("lemmatizer")(Doc(nlp.vocab, words=list(tokens)))
-    return [t.lemma_ for t in doc]
+    return [NOUN_LEMMAS.get(t.text, t.lemma_) for t in doc]
 
 
 def normalize_query(text: str, drop_leading_be: bool = True) -> List[str]:
@@ -115,13 +125,13 @@ def query_key(lemmas: Sequence[str]) -> int:
 
 @functools.lru_cache(maxsize=1)
 def lemma_table() -> Dict[str, str]:
-    """The raw English lookup table of spacy-lookups-data: word form -> lemma (~41.6k entries).
-
-    This is the table spaCy's lookup lemmatizer reads; the export embeds it in the graph.
+    """Word form -> lemma, as `lemmatize` applies it (~41.6k entries): the English lookup
+    table of spacy-lookups-data (the one spaCy's lookup lemmatizer reads) with NOUN_LEMMAS
+    over it. The export embeds it in the graph.
     """
     import spacy_lookups_data
 
     path = os.path.join(os.path.dirname(spacy_lookups_data.__file__), "data",
                         "en_lemma_lookup.json.gz")
     with gzip.open(path, "rt", encoding="utf-8") as f:
-        return json.load(f)
+        return {**json.load(f), **NOUN_LEMMAS}

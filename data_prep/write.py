@@ -20,10 +20,12 @@ import functools
 import glob
 import json
 import os
+import struct
 import time
 import zlib
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
+import google_crc32c
 import numpy as np
 
 from data_prep import geometry, schema, text, tsv
@@ -108,6 +110,7 @@ def _fingerprint(task: ChunkTask, config: ShardConfig, data: bytes) -> dict:
     chunk = task.chunk
     return {
         "schema_version": schema.SCHEMA_VERSION,
+        "normalization_version": text.NORMALIZATION_VERSION,
         "split": task.split,
         "max_boxes": config.max_boxes,
         "drop_leading_be": config.drop_leading_be,
@@ -115,7 +118,7 @@ def _fingerprint(task: ChunkTask, config: ShardConfig, data: bytes) -> dict:
         "first_line": chunk.first_line,
         "num_lines": chunk.num_lines,
         "input_bytes": len(data),
-        "input_crc32": zlib.crc32(data),
+        "input_crc32c": google_crc32c.value(data),  # 10x faster than zlib.crc32
         "answers_sha256": config.answers_sha256 if task.split == "valid" else "",
     }
 
@@ -175,8 +178,7 @@ def normalize(query: str, drop_leading_be: bool) -> Tuple[Tuple[str, ...], int]:
 # ---------------------------------------------------------------------------------------
 # Record encoding. Building a tf.train.Example message costs ~100-200 us per row (every
 # feature is a message copied into the map); writing the protobuf wire format directly costs
-# a few us. The output is byte-identical to schema.encode_example (a test checks it), with
-# the map entries in the order that schema.encode_example's protobuf runtime emits them.
+# a few us. The output is byte-identical to schema.encode_example (a test checks it).
 _ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
@@ -206,72 +208,80 @@ def _len_field(tag: bytes, payload: bytes) -> bytes:
 # is field 1.
 _F1, _F2, _F3 = b"\x0a", b"\x12", b"\x1a"
 
+# The feature keys in the order schema.encode_example's protobuf runtime serialises its
+# feature map (a test checks it). Fixed here, so that workers need neither protobuf nor
+# TensorFlow and a shard's bytes do not depend on the runtime's map order.
+KEY_ORDER = (schema.LABEL, schema.QUERY_KEY, schema.BOX_FEATURES, schema.IMAGE_H,
+             schema.IMAGE_W, schema.QUERY_LEMMAS, schema.PRODUCT_ID, schema.BOXES,
+             schema.QUERY_ID, schema.QUERY, schema.BOX_GEOMETRY, schema.BOX_LABELS,
+             schema.NUM_BOXES)
+_HEADS = {key: _len_field(_F1, key.encode("utf-8")) for key in KEY_ORDER}  # entry key fields
+_FEATURES_AT = KEY_ORDER.index(schema.BOX_FEATURES)
 
-def _int64_scalar(value: int) -> bytes:
-    packed = _varint(value)
-    return b"".join([_F3, _ONE_BYTE[len(packed) + 2], _F1, _ONE_BYTE[len(packed)], packed])
+
+def _entry(key: str, feature: bytes) -> bytes:
+    """A Features.feature map entry: key and serialised Feature."""
+    head = _HEADS[key]
+    value_len = _varint(len(feature))
+    return b"".join([_F1, _varint(len(head) + 1 + len(value_len) + len(feature)), head, _F2,
+                     value_len, feature])
 
 
-def _int64_feature(values: Sequence[int]) -> bytes:
-    packed = b"".join([_varint(v) for v in values])
+def _int64_feature(packed: bytes) -> bytes:
+    """Feature.int64_list of packed varints."""
     return _len_field(_F3, _len_field(_F1, packed) if packed else b"")
 
 
-def _small_int64_feature(values: np.ndarray) -> bytes:
-    values = values.tolist()
-    # Class ids 0..32 are one varint byte each.
-    if values and 0 <= min(values) and max(values) < 0x80:
-        packed = bytes(values)
-        return _len_field(_F3, _len_field(_F1, packed))
-    return _int64_feature(values)
-
-
-def _float_feature(values: np.ndarray) -> bytes:
-    packed = np.ascontiguousarray(values, "<f4").tobytes()
+def _float_feature(packed: bytes) -> bytes:
+    """Feature.float_list of packed little-endian float32s."""
     return _len_field(_F2, _len_field(_F1, packed) if packed else b"")
 
 
-def _bytes_feature(values: Sequence[bytes]) -> List[bytes]:
-    """Feature.bytes_list as pieces (bytes or byte memoryviews)."""
-    # Returned as pieces: the 32 KB of box features are copied once, by the final join.
-    pieces = []
-    for v in values:
-        pieces += [_F1, _varint(len(v)), v]
-    size = sum(map(len, pieces))
-    return [_F1, _varint(size)] + pieces
+def _bytes_feature(values: Sequence[bytes]) -> bytes:
+    return _len_field(_F1, b"".join([_len_field(_F1, v) for v in values]))
 
 
-def _read_varint(data: bytes, pos: int) -> Tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        value |= (byte & 0x7F) << shift
-        pos, shift = pos + 1, shift + 7
-        if byte < 0x80:
-            return value, pos
+_KINDS = {"int64": _int64_feature, "float": _float_feature,
+          "bytes": lambda value: _bytes_feature([value])}
 
 
-@functools.lru_cache(maxsize=1)
-def _key_order() -> Tuple[str, ...]:
-    """The feature keys in the order schema.encode_example serialises its feature map."""
-    n = 1
-    data = schema.encode_example(0, 0, 1, 1, "q", ["q"], 0, np.zeros((n, schema.BOX_COORDS)),
-                                 np.zeros((n, schema.GEOMETRY_DIM)),
-                                 np.zeros((n, schema.FEATURE_DIM)), np.zeros(n, np.int64))
-    _, pos = _read_varint(data, 1)  # Example.features
-    keys = []
-    while pos < len(data):  # Features.feature map entries: key (field 1), value (field 2)
-        entry_len, pos = _read_varint(data, pos + 1)
-        key_len, key_pos = _read_varint(data, pos + 1)
-        keys.append(data[key_pos:key_pos + key_len].decode("utf-8"))
-        pos += entry_len
-    return tuple(keys)
+@functools.lru_cache(maxsize=1 << 12)
+def _prefix(key: str, kind: str, size: int) -> bytes:
+    """The bytes of key's map entry that precede its packed values, for a Feature of `kind`
+    ("int64", "float", or "bytes" with one value) whose packed values take `size` bytes.
+
+    Only the sizes vary from row to row, so an entry is _prefix(...) + packed values.
+    """
+    entry = _entry(key, _KINDS[kind](bytes(size)))
+    return entry[:len(entry) - size]
 
 
-@functools.lru_cache(maxsize=1)
-def _entry_heads() -> Tuple[Tuple[str, bytes], ...]:
-    """(key, serialised map-entry key field) in schema.encode_example's order."""
-    return tuple((key, _len_field(_F1, key.encode("utf-8"))) for key in _key_order())
+@functools.lru_cache(maxsize=1 << 12)
+def _scalar_entry(key: str, value: int) -> bytes:
+    """Entries of the few-valued scalars (image size, box count, label), cached."""
+    return _entry(key, _int64_feature(_varint(value)))
+
+
+@functools.lru_cache(maxsize=_QUERY_CACHE_SIZE)
+def _query_entries(query: str, lemmas: Tuple[str, ...], key: int) -> Tuple[bytes, ...]:
+    """The entries of QUERY, QUERY_LEMMAS and QUERY_KEY, cached: queries repeat."""
+    return (_entry(schema.QUERY, _bytes_feature([query.encode("utf-8")])),
+            _entry(schema.QUERY_LEMMAS, _bytes_feature([t.encode("utf-8") for t in lemmas])),
+            _entry(schema.QUERY_KEY, _int64_feature(_varint(key))))
+
+
+def _packed_int64s(values: np.ndarray) -> bytes:
+    values = np.asarray(values, np.int64).tolist()
+    if values and 0 <= min(values) and max(values) < 0x80:  # class ids: one byte each
+        return bytes(values)
+    return b"".join([_varint(v) for v in values])
+
+
+_LE_F32 = np.dtype("<f4")
+
+
+def _packed_floats(values: np.ndarray) -> bytes:
+    return np.ascontiguousarray(values, _LE_F32).tobytes()
 
 
 def encode_record(product_id: int, query_id: int, image_h: int, image_w: int, query: str,
@@ -289,45 +299,82 @@ def encode_record(product_id: int, query_id: int, image_h: int, image_w: int, qu
         raise ValueError(
             f"inconsistent box arrays: boxes {boxes.shape}, geometry {box_geometry.shape}, "
             f"features {box_features.shape}, labels {np.shape(box_labels)}")
-    features = {
-        schema.PRODUCT_ID: _int64_scalar(int(product_id)),
-        schema.QUERY_ID: _int64_scalar(int(query_id)),
-        schema.IMAGE_H: _int64_scalar(int(image_h)),
-        schema.IMAGE_W: _int64_scalar(int(image_w)),
-        schema.NUM_BOXES: _int64_scalar(n),
-        schema.QUERY: _bytes_feature([query.encode("utf-8")]),
-        schema.QUERY_LEMMAS: _bytes_feature([t.encode("utf-8") for t in query_lemmas]),
-        schema.QUERY_KEY: _int64_scalar(int(query_key)),
-        schema.BOXES: _float_feature(boxes),
-        schema.BOX_GEOMETRY: _float_feature(box_geometry),
-        # A uint8 view, not a copy: the final join copies the 32 KB once.
-        schema.BOX_FEATURES: _bytes_feature([np.ascontiguousarray(box_features, "<f4")
-                                             .reshape(-1).view(np.uint8)]),
-        schema.BOX_LABELS: _small_int64_feature(np.asarray(box_labels, np.int64)),
-        schema.LABEL: _int64_scalar(schema.UNKNOWN_LABEL if label is None else int(label)),
+    query_entry, lemmas_entry, key_entry = _query_entries(query, tuple(query_lemmas),
+                                                          int(query_key))
+    # A byte view, not a copy: the final join copies the 32 KB once.
+    features = np.ascontiguousarray(box_features, _LE_F32).reshape(-1).view(np.uint8)
+    product, query_no = _varint(int(product_id)), _varint(int(query_id))
+    box_bytes, geometry_bytes = _packed_floats(boxes), _packed_floats(box_geometry)
+    labels = _packed_int64s(box_labels)
+    entries = {
+        schema.LABEL: _scalar_entry(schema.LABEL, schema.UNKNOWN_LABEL if label is None
+                                    else int(label)),
+        schema.QUERY_KEY: key_entry,
+        schema.BOX_FEATURES: _prefix(schema.BOX_FEATURES, "bytes", len(features)),
+        schema.IMAGE_H: _scalar_entry(schema.IMAGE_H, int(image_h)),
+        schema.IMAGE_W: _scalar_entry(schema.IMAGE_W, int(image_w)),
+        schema.QUERY_LEMMAS: lemmas_entry,
+        schema.PRODUCT_ID: _prefix(schema.PRODUCT_ID, "int64", len(product)) + product,
+        schema.BOXES: _prefix(schema.BOXES, "float", len(box_bytes)) + box_bytes,
+        schema.QUERY_ID: _prefix(schema.QUERY_ID, "int64", len(query_no)) + query_no,
+        schema.QUERY: query_entry,
+        schema.BOX_GEOMETRY: _prefix(schema.BOX_GEOMETRY, "float", len(geometry_bytes)) +
+        geometry_bytes,
+        schema.BOX_LABELS: _prefix(schema.BOX_LABELS, "int64", len(labels)) + labels,
+        schema.NUM_BOXES: _scalar_entry(schema.NUM_BOXES, n),
     }
-    heads = _entry_heads()
-    if len(heads) != len(features):  # schema.encode_example gained or lost a feature
-        raise AssertionError(f"schema.encode_example writes {[k for k, _ in heads]}, "
-                             f"encode_record {sorted(features)}")
-    pieces = []
-    for key, head in heads:
-        feature = features[key]
-        if isinstance(feature, bytes):
-            size = len(feature)
-            feature = (feature,)
-        else:
-            size = sum(map(len, feature))
-        value_len = _varint(size)
-        pieces += [_F1, _varint(len(head) + 1 + len(value_len) + size), head, _F2, value_len]
-        pieces += feature
-    return b"".join([_F1, _varint(sum(map(len, pieces)))] + pieces)
+    pieces = [entries[key] for key in KEY_ORDER]
+    pieces.insert(_FEATURES_AT + 1, features)
+    size = sum(map(len, pieces))
+    return b"".join([_F1, _varint(size)] + pieces)
+
+
+# ---------------------------------------------------------------------------------------
+# TFRecord files, written without TensorFlow: tf.io.TFRecordWriter's format (each record
+# framed by its uint64 length and masked CRC32Cs) and its GZIP settings, byte for byte (a
+# test compares the two).
+_U64, _U32 = struct.Struct("<Q"), struct.Struct("<I")
+
+
+def masked_crc32c(data: bytes) -> bytes:
+    """The 4-byte masked CRC32C that TFRecord framing stores after a length and a record."""
+    crc = google_crc32c.value(data)
+    return _U32.pack(((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+class RecordWriter:
+    """Writes a TFRecord file as tf.io.TFRecordWriter(path, options) does; a context manager.
+
+    Args:
+      path: the file to create.
+      gzip: GZIP-compress it (TensorFlow's defaults: level 6, 15-bit window, memLevel 9).
+    """
+
+    def __init__(self, path: str, gzip: bool = False):
+        self._file = open(path, "wb", buffering=1 << 20)
+        self._deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED,
+                                         16 + zlib.MAX_WBITS, 9) if gzip else None
+
+    def write(self, record: bytes) -> None:
+        length = _U64.pack(len(record))
+        for piece in (length + masked_crc32c(length), record, masked_crc32c(record)):
+            self._file.write(self._deflate.compress(piece) if self._deflate else piece)
+
+    def close(self) -> None:
+        if self._deflate is not None:
+            self._file.write(self._deflate.flush())
+            self._deflate = None
+        self._file.close()
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def warm_up() -> None:
-    """Loads TensorFlow and the lemmatizer, so that timing and workers start warm."""
-    import tensorflow as tf  # noqa: F401  (the import is the point)
-
+    """Loads the lemmatizer, so that timing and workers start warm."""
     text.normalize_query("warm up")
 
 
@@ -365,8 +412,6 @@ def process_chunk(task: ChunkTask, config: ShardConfig) -> dict:
     Returns:
       The shard's sidecar dict, plus "skipped": True when a finished shard was reused.
     """
-    import tensorflow as tf
-
     chunk = task.chunk
     with open(task.source, "rb") as f:
         f.seek(chunk.offset)
@@ -393,8 +438,7 @@ def process_chunk(task: ChunkTask, config: ShardConfig) -> dict:
         raise RuntimeError(f"{task.source}: lines {chunk.first_line}.. changed while prep ran "
                            f"({len(spans)} lines where {chunk.num_lines} were)")
     tmp = tmp_name(path)
-    options = tf.io.TFRecordOptions(compression_type="GZIP" if config.gzip else "")
-    with tf.io.TFRecordWriter(tmp, options) as writer:
+    with RecordWriter(tmp, config.gzip) as writer:
         for line_no, (start, end) in enumerate(spans, chunk.first_line):
             try:
                 if line_no in ungrouped:

@@ -1,7 +1,8 @@
 """tf.data input pipelines over `mmrecall prep` TFRecord shards.
 
 TRAIN: shuffled file list -> repeat -> parallel interleaved reads -> shuffle buffer ->
-(optionally) runs of `train_group_size` rows sharing the query's last lemma -> batch (drop
+(optionally) runs of `train_group_size` rows sharing the query's last lemma, regrouped within
+windows of `group_window` rows -> batch (drop
 remainder) -> parse the whole batch at once in parallel -> prefetch.
 
 EVAL / PREDICT: each file is read in order (rows of one query are contiguous and never split
@@ -163,28 +164,49 @@ def whole_queries(records: tf.data.Dataset) -> tf.data.Dataset:
     return keyed.scan(init, step).filter(lambda out: tf.size(out) > 0)
 
 
-def _last_lemma_bucket(serialized, buckets):
-    """A bucket id from the query's last lemma (usually the product type)."""
-    lemmas = tf.io.parse_single_example(
+def _last_lemma_buckets(serialized, buckets):
+    """int64 [R] bucket ids from each record's last query lemma (usually the product type).
+
+    serialized: string [R] records. A query without lemmas hashes the empty string.
+    """
+    lemmas = tf.io.parse_example(
         serialized, {schema.QUERY_LEMMAS: tf.io.RaggedFeature(tf.string)})[schema.QUERY_LEMMAS]
-    last = tf.cond(tf.size(lemmas) > 0, lambda: lemmas[-1], lambda: tf.constant(""))
+    padded = tf.concat([[""], lemmas.flat_values], 0)     # index 0: the empty query's ""
+    last = tf.gather(padded, tf.where(lemmas.row_lengths() > 0, lemmas.row_limits(), 0))
     return tf.strings.to_hash_bucket_fast(last, buckets)
 
 
-def group_by_last_lemma(records: tf.data.Dataset, group_size: int,
+def group_by_last_lemma(records: tf.data.Dataset, group_size: int, window: int,
                         buckets: int = 1 << 16) -> tf.data.Dataset:
     """Regroups a shuffled record stream so that runs of `group_size` consecutive records
-    share their query's last lemma (product type) where the buffer allows.
+    share their query's last lemma (product type) where the window allows.
 
     A training batch then holds B / group_size such runs: its in-batch negatives include
     products of the same type as the positive, the near misses that candidate lists are
-    full of ("negatives from similar queries, same last word"). Records of rare types are
-    flushed in shorter runs at the end of the stream only (the stream repeats forever).
+    full of ("negatives from similar queries, same last word").
+
+    Records are regrouped within consecutive windows of `window` records; each window ends
+    with its leftover rows of rarer types, in shorter runs. Every record therefore comes out
+    within its own window, once: regrouping over the unbounded stream would hold a rare
+    type's rows until `group_size` of them had come by, epochs later, and then emit copies
+    of one row side by side. With `window` a multiple of the batch size and the batch size a
+    multiple of `group_size`, full runs never straddle batches.
+
+    Args:
+      records: string [] serialized examples (an unbatched stream).
+      group_size: rows per run.
+      window: records regrouped together.
+    Returns:
+      string [] serialized examples, the same multiset per window, reordered.
     """
-    return records.group_by_window(
-        key_func=lambda s: _last_lemma_bucket(s, buckets),
-        reduce_func=lambda key, window: window.batch(group_size),
-        window_size=group_size).unbatch()
+    def regroup(chunk):                                     # string [<= window]
+        keyed = tf.data.Dataset.from_tensor_slices((chunk, _last_lemma_buckets(chunk, buckets)))
+        return keyed.group_by_window(
+            key_func=lambda record, key: key,
+            reduce_func=lambda key, run: run.batch(group_size),
+            window_size=group_size).unbatch().map(lambda record, key: record)
+
+    return records.batch(window).flat_map(regroup)
 
 
 def input_fn_builder(cfg, pattern_or_files, mode, data_dir=None, compression=None,
@@ -244,15 +266,20 @@ def input_fn_builder(cfg, pattern_or_files, mode, data_dir=None, compression=Non
         if mode == TRAIN:
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
             ds = ds.repeat(num_epochs)
-            ds = ds.interleave(read, cycle_length=max(1, cfg.num_parallel_reads),
+            # No more parallel reads than this reader's files: more would read one file's
+            # next epoch beside its current one.
+            own_files = len(files[shard::num_shards]) if shard_files else len(files)
+            ds = ds.interleave(read, cycle_length=max(1, min(cfg.num_parallel_reads, own_files)),
                                block_length=16, num_parallel_calls=parallel,
-                               deterministic=False)
+                               deterministic=cfg.deterministic)
             ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
             if cfg.train_group_size > 1:
-                ds = group_by_last_lemma(ds, cfg.train_group_size)
+                batches_per_window = max(1, -(-cfg.group_window // cfg.batch_size))
+                ds = group_by_last_lemma(ds, cfg.train_group_size,
+                                         batches_per_window * cfg.batch_size)
             ds = ds.batch(cfg.batch_size, drop_remainder=True)
             ds = ds.map(lambda s: parse_batch(s, table, cfg.max_query_tokens, max_boxes),
-                        num_parallel_calls=parallel, deterministic=False)
+                        num_parallel_calls=parallel, deterministic=cfg.deterministic)
         else:
             ds = ds.interleave(lambda path: whole_queries(read(path)),
                                cycle_length=max(1, cfg.num_parallel_reads),
@@ -266,7 +293,7 @@ def input_fn_builder(cfg, pattern_or_files, mode, data_dir=None, compression=Non
                                               with_labels=with_labels),
                         num_parallel_calls=parallel, deterministic=True)
         options = tf.data.Options()
-        options.deterministic = mode != TRAIN
+        options.deterministic = mode != TRAIN or cfg.deterministic
         ds = ds.with_options(options)
         return ds.prefetch(prefetch)
 

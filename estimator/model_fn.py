@@ -139,6 +139,10 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
 
     def model_fn(features, labels, mode, params=None):
         del params
+        with network.seeded_keras_layers(cfg.seed):
+            return build_spec(features, labels, mode)
+
+    def build_spec(features, labels, mode):
         training = mode == TRAIN
         ranker = network.build_ranker(cfg, vocab_size)
         num_tokens = tf.cast(features[schema.F_NUM_TOKENS], tf.int32)        # [B]

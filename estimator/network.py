@@ -34,6 +34,8 @@ dtypes restore with or without it.
 Dimension legend: B batch (row-aligned pairs in score_pairs), T tokens, N boxes, F 2048,
 G 6, D model width, E pooled width.
 """
+import contextlib
+import random
 from typing import Dict, Optional
 
 import numpy as np
@@ -253,6 +255,27 @@ class Ranker(tf.keras.Model):
             self.score_pairs(q_states, tf.ones([1], tf.int32), q_pooled, p_states,
                              tf.ones([1], tf.int32), p_pooled)
         self.last_diagnostics = {}
+
+
+@contextlib.contextmanager
+def seeded_keras_layers(seed: int):
+    """Within this block, Keras initializers and dropout left at seed=None take their seeds
+    from a generator seeded with `seed`, so one Config.seed gives one set of initial weights.
+
+    Unseeded, Keras 2.15 draws them from Python's global `random` (the graph-level
+    tf_random_seed never reaches them). Keras reads this thread-local generator, the one
+    `tf.keras.utils.set_random_seed` sets, when a layer first creates its weights or runs;
+    the previous generator is restored on exit and no global state is touched.
+    """
+    from keras.src import backend as keras_backend
+
+    holder = keras_backend._SEED_GENERATOR
+    previous = getattr(holder, "generator", None)
+    holder.generator = random.Random(seed)
+    try:
+        yield
+    finally:
+        holder.generator = previous
 
 
 def _var_name(v) -> str:

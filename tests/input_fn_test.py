@@ -126,18 +126,20 @@ def test_train_files_are_sharded_by_worker(prep_dir):
         num_worker_replicas = 2
         global_id_in_cluster = 1
 
-    cfg = tiny_config(data_dir=prep_dir, batch_size=10)
+    # No shuffling or regrouping: the first 30 rows read are exactly one pass over the
+    # worker's own file (a shuffle buffer spanning epochs could defer any row for long).
+    cfg = tiny_config(data_dir=prep_dir, batch_size=10, shuffle_buffer=1, train_group_size=1)
     files = input_fn.split_files(prep_dir, "train")
     assert len(files) == 2
-    expected = set()
+    expected = []
     for record in tf.data.TFRecordDataset(files[1], compression_type="GZIP"):
-        expected.add(int(tf.io.parse_single_example(
+        expected.append(int(tf.io.parse_single_example(
             record, {schema.PRODUCT_ID: tf.io.FixedLenFeature([], tf.int64)})[schema.PRODUCT_ID]))
     worker = input_fn.input_fn_builder(cfg, files, TRAIN)(config=FakeRunConfig())
-    got = set()
-    for features, _ in worker.take(15):                    # 5 epochs of the 30 rows
-        got.update(features[schema.F_PRODUCT_ID].numpy().tolist())
-    assert got == expected and len(got) == 30
+    got = []
+    for features, _ in worker.take(3):                     # one pass over the 30 rows
+        got.extend(features[schema.F_PRODUCT_ID].numpy().tolist())
+    assert sorted(got) == sorted(expected) and len(set(got)) == 30
 
 
 def test_more_workers_than_files_split_records_disjointly(prep_dir):
@@ -183,3 +185,40 @@ def test_group_by_last_lemma_makes_runs_of_one_type(prep_dir):
         last = [tokens[ids[i, n[i] - 1]] for i in range(12)]
         base += sum(len(set(last[j:j + 4])) == 1 for j in range(0, 12, 4))
     assert base < 10
+
+
+def _lemma_record(product_id, lemmas):
+    return schema.encode_example(
+        product_id, 1, 10, 10, " ".join(lemmas), list(lemmas), 1, np.zeros([1, 4], np.float32),
+        np.zeros([1, 6], np.float32), np.zeros([1, 2048], np.float32), [0], 1)
+
+
+def _product_ids(records):
+    spec = {schema.PRODUCT_ID: tf.io.FixedLenFeature([], tf.int64)}
+    return [int(tf.io.parse_single_example(r, spec)[schema.PRODUCT_ID]) for r in records]
+
+
+def test_group_by_last_lemma_emits_each_window_once_rare_types_included():
+    # 12 "dress" rows, 6 "knife" rows and 6 singleton types, in a repeating stream.
+    lemmas = [["red", "dress"]] * 12 + [["knife"]] * 6 + [[t] for t in "abcdef"]
+    records = [_lemma_record(i, l) for i, l in enumerate(lemmas)]
+    stream = tf.data.Dataset.from_tensor_slices(records).repeat()
+    out = [r.numpy() for r in input_fn.group_by_last_lemma(stream, 4, len(records)).take(48)]
+    for window in (out[:24], out[24:]):
+        # Each window holds every record once: no row is deferred, none is doubled.
+        assert sorted(_product_ids(window)) == list(range(24))
+        last = [lemmas[i][-1] for i in _product_ids(window)]
+        # Full runs come first, aligned on multiples of 4: 3 of dress, 1 of knife.
+        runs = [last[k:k + 4] for k in range(0, 16, 4)]
+        assert all(len(set(run)) == 1 for run in runs)
+        assert sorted(run[0] for run in runs) == ["dress", "dress", "dress", "knife"]
+        assert sorted(last[16:]) == ["a", "b", "c", "d", "e", "f", "knife", "knife"]
+
+
+def test_last_lemma_buckets_of_empty_queries():
+    records = tf.constant([_lemma_record(1, []), _lemma_record(2, ["red", "dress"]),
+                           _lemma_record(3, ["dress"]), _lemma_record(4, [])])
+    keys = input_fn._last_lemma_buckets(records, 1 << 16).numpy()
+    assert keys[1] == keys[2] and keys[0] == keys[3] and keys[0] != keys[1]
+    only_empty = input_fn._last_lemma_buckets(records[:1], 1 << 16).numpy()
+    assert only_empty.tolist() == [keys[0]]

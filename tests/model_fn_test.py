@@ -195,3 +195,21 @@ def test_cross_to_tower_gradient_switch(scale):
         tower_norm = sum(float(np.abs(v).sum()) for v in values[:-2])
         assert float(np.abs(values[-2]).sum()) > 0          # the matcher always learns
         assert (tower_norm == 0.0) == (scale == 0.0), tower_norm
+
+
+def _initial_weights(seed):
+    with tf.Graph().as_default():
+        features = _feed(random_batch(4, 3, 2, V))
+        model_fn.model_fn_builder(_cfg(seed=seed), V)(features, None, PREDICT, {})
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            return {v.name: sess.run(v) for v in tf.compat.v1.global_variables()}
+
+
+def test_config_seed_alone_fixes_the_initial_weights():
+    # No graph-level seed: Config.seed must reach the Keras initializers by itself.
+    a, b, c = _initial_weights(5), _initial_weights(5), _initial_weights(6)
+    assert len(a) > 50 and a.keys() == b.keys() == c.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    kernels = [k for k in a if k.endswith("kernel:0")]
+    assert all(not np.array_equal(a[k], c[k]) for k in kernels)

@@ -86,6 +86,28 @@ def test_fits_a_tiny_data_set(prep_dir, tmp_path):
         assert tag in tags, sorted(tags)
 
 
+def test_same_seed_deterministic_runs_are_identical(prep_dir, tmp_path):
+    cfg = train.resolve_config(tiny_config(deterministic=True, dropout=0.1, batch_size=8,
+                                           shuffle_buffer=64, train_group_size=4,
+                                           group_window=16), prep_dir)
+    files = input_fn.split_files(prep_dir, "train")
+
+    def run(name, seed):
+        run_cfg = Config.from_dict({"seed": seed}, cfg)
+        model_dir = str(tmp_path / name)
+        estimator = train.build_estimator(run_cfg, model_dir, prep_dir)
+        estimator.train(input_fn.input_fn_builder(run_cfg, files, tf.estimator.ModeKeys.TRAIN),
+                        max_steps=6)
+        return {name: tf.train.load_variable(model_dir, name)
+                for name, _ in tf.train.list_variables(model_dir)
+                if name.startswith("ranker/") and "Adam" not in name}
+
+    # (Another seed giving other weights is model_fn_test's.)
+    first, second = run("a", 11), run("b", 11)
+    assert len(first) > 50 and first.keys() == second.keys()
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+
+
 def test_resumes_from_checkpoint_and_continues_step_count(prep_dir, tmp_path):
     model_dir = str(tmp_path / "model")
     argv = ["--data", prep_dir, "--model-dir", model_dir, "--steps", "4",

@@ -1,4 +1,6 @@
 """tsv.py: header checks, chunking, and the validation of every field of a row."""
+import binascii
+
 import numpy as np
 import pytest
 
@@ -41,6 +43,69 @@ def test_query_that_is_not_utf8_is_rejected():
     with pytest.raises(tsv.RowError) as info:
         tsv.parse_row(raw)
     assert (info.value.field, info.value.reason) == ("query", "encoding")
+
+
+@pytest.mark.parametrize("column", ["boxes", "features", "class_labels"])
+def test_base64_not_in_whole_groups_of_four_is_rejected(column):
+    # CPython's strict decoder accepts '=' after a complete 4-character group; the serving
+    # graph does not, so prep must not either.
+    assert binascii.a2b_base64(b"AAAA=", strict_mode=True) == b"\0\0\0"
+    # 3 boxes: 48 B of boxes, 3 x 8192 B of features and 24 B of labels, all multiples of
+    # 3 bytes, so each field is unpadded base64 and "=" makes it 4k + 1 characters long.
+    base = fx.line(fx.random_row(np.random.default_rng(6), 1, 1, num_boxes=3))
+    assert tsv.parse_row(base.encode()).boxes.shape == (3, 4)
+    value = base.split("\t")[schema.TSV_COLUMNS.index(column)]
+    assert not value.endswith("=")
+    with pytest.raises(tsv.RowError) as info:
+        tsv.parse_row(fx.with_field(base, column, value + "=").encode())
+    assert (info.value.field, info.value.reason) == (column, "base64")
+    assert "not a multiple of 4" in info.value.detail
+
+
+@pytest.mark.parametrize("value, reason", [
+    (-0.0, None), (3e38, None), (np.inf, "non_finite"), (-np.inf, "non_finite"),
+    (np.nan, "non_finite"), (-np.nan, "non_finite"), (-1e-45, "negative_feature"),
+])
+def test_feature_values_finite_and_not_below_zero(value, reason):
+    row = fx.random_row(np.random.default_rng(7), 1, 1, num_boxes=2)
+    row["features"][1, 7] = value
+    if reason is None:
+        got = tsv.parse_row(fx.line(row).encode())
+        assert got.features.view(np.uint32)[1, 7] == np.float32(value).view(np.uint32)
+    else:
+        with pytest.raises(tsv.RowError) as info:
+            tsv.parse_row(fx.line(row).encode())
+        assert (info.value.field, info.value.reason) == ("features", reason)
+
+
+@pytest.mark.parametrize("line, start, end, want", [
+    (b"1\t2\t3\t4\tb\tf\tc\tq q\t42\n", 0, None, b"42"),
+    (b"1\t2\t3\t4\tb\tf\tc\tq q\t42\r\r\n", 0, None, b"42"),
+    (b"1\t2\t3\t4\tb\tf\tc\tq q\t42", 0, None, b"42"),    # last line, no newline
+    (b"1\t2\t3\t4\tb\tf\tc\t42\n", 0, None, None),        # 8 columns
+    (b"1\t2\t3\t4\tb\tf\tc\tq\t9\t42\n", 0, None, None),  # 10 columns
+    (b"1\t2\t3\t4\tb\tf\tc\tq\t4x2\n", 0, None, None),
+    (b"1\t2\t3\t4\tb\tf\tc\tq\t\n", 0, None, None),
+    (b"x\t\t\n1\t2\t3\t4\tb\tf\tc\tq\t7\n\t5", 4, 22, b"7"),  # a line inside a buffer
+])
+def test_query_id_of_reads_only_well_formed_lines(line, start, end, want):
+    assert tsv._query_id_of(line, start, end) == want
+
+
+@pytest.mark.parametrize("read_size", [1000, 7919, 100_000])
+def test_chunks_do_not_depend_on_how_the_file_is_read(tmp_path, monkeypatch, read_size):
+    rows = fx.grouped_rows(8, num_queries=6, per_query=3)
+    lines = [fx.line(r) for r in rows]
+    lines.insert(7, "garbage\tline")
+    path = tmp_path / "valid.tsv"
+    path.write_bytes(("\r\n".join([tsv.HEADER_LINE] + lines)).encode())  # no final EOL
+    want = {group: list(tsv.iter_chunks(str(path), 4, group)) for group in (True, False)}
+    # q0 q1 | q2 (with the garbage line) | q3 q4 | q5: a chunk ends at the first new query
+    # after 4 lines.
+    assert [c.num_lines for c in want[True]] == [6, 4, 6, 3]
+    monkeypatch.setattr(tsv, "_READ_SIZE", read_size)  # lines now span reads
+    for group in (True, False):
+        assert list(tsv.iter_chunks(str(path), 4, group)) == want[group]
 
 
 @pytest.mark.parametrize("content, message", [
