@@ -249,10 +249,9 @@ def input_fn_builder(cfg, pattern_or_files, mode, data_dir=None, compression=Non
         elif config is not None and mode == TRAIN and config.num_worker_replicas > 1:
             num_shards, shard = config.num_worker_replicas, config.global_id_in_cluster or 0
         seed = cfg.seed + shard
-        ds = tf.data.Dataset.from_tensor_slices(files)
         shard_files = mode == TRAIN and num_shards > 1 and len(files) >= num_shards
-        if shard_files:
-            ds = ds.shard(num_shards, shard)
+        own_files = files[shard::num_shards] if shard_files else files
+        ds = tf.data.Dataset.from_tensor_slices(own_files)
 
         # Fewer files than workers: each worker takes every num_shards-th record of each
         # file, by position, so the workers' examples stay disjoint whatever their file order.
@@ -264,12 +263,12 @@ def input_fn_builder(cfg, pattern_or_files, mode, data_dir=None, compression=Non
             return records.shard(num_shards, shard) if shard_records else records
 
         if mode == TRAIN:
-            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+            ds = ds.shuffle(len(own_files), seed=seed, reshuffle_each_iteration=True)
             ds = ds.repeat(num_epochs)
             # No more parallel reads than this reader's files: more would read one file's
             # next epoch beside its current one.
-            own_files = len(files[shard::num_shards]) if shard_files else len(files)
-            ds = ds.interleave(read, cycle_length=max(1, min(cfg.num_parallel_reads, own_files)),
+            ds = ds.interleave(read, cycle_length=max(1, min(cfg.num_parallel_reads,
+                                                             len(own_files))),
                                block_length=16, num_parallel_calls=parallel,
                                deterministic=cfg.deterministic)
             ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
