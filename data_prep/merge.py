@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Dict, List
 
-from data_prep import prep, schema, write
+from data_prep import prep, schema, text, write
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +91,11 @@ def merge(out_dir: str, part_dirs: List[str]) -> dict:
             if not write.is_complete(src_dir, sidecar):
                 raise prep.PrepError(f"{src_dir}: shard {k} of {split} is missing or "
                                      f"incomplete; rerun that machine's prep")
+            version = sidecar["fingerprint"].get("normalization_version", 1)
+            if version != text.NORMALIZATION_VERSION:
+                raise prep.PrepError(f"{src_dir}: shard {k} of {split} has queries normalised "
+                                     f"by rules version {version}, this code uses "
+                                     f"{text.NORMALIZATION_VERSION}; rerun that machine's prep")
             # The sidecar json goes last: it is what marks the shard as complete.
             for rel in [sidecar["file"]] + sidecar["sidecars"] + \
                        [write.state_file(split, k, "json")]:

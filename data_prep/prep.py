@@ -178,7 +178,8 @@ def load_manifest(out_dir: str) -> dict:
     """Reads DIR/manifest.json of a finished prep (see the module docstring for its keys).
 
     Raises:
-      FileNotFoundError / ValueError: no manifest (prep unfinished) or another schema.
+      FileNotFoundError / ValueError: no manifest (prep unfinished), another schema or other
+        query normalisation rules than text.NORMALIZATION_VERSION.
     """
     path = os.path.join(out_dir, schema.MANIFEST_FILE)
     with open(path, encoding="utf-8") as f:
@@ -186,6 +187,13 @@ def load_manifest(out_dir: str) -> dict:
     if manifest.get("schema_version") != schema.SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {manifest.get('schema_version')}, this code "
                          f"reads {schema.SCHEMA_VERSION}; rerun mmrecall prep")
+    # Lemmas made by other normalisation rules than the export's in-graph ones would skew
+    # serving from training (preps from before the key was written used version 1).
+    version = manifest.get("normalization_version", 1)
+    if version != text.NORMALIZATION_VERSION:
+        raise ValueError(f"{path}: queries were normalised by rules version {version}, this "
+                         f"code (and its export) uses version {text.NORMALIZATION_VERSION}; "
+                         f"rerun mmrecall prep with the same --out (it rewrites the shards)")
     return manifest
 
 

@@ -106,7 +106,9 @@ def write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _fingerprint(task: ChunkTask, config: ShardConfig, data: bytes) -> dict:
+def _fingerprint(task: ChunkTask, config: ShardConfig, input_crc32c: int,
+                 input_bytes: int) -> dict:
+    """What a shard's bytes depend on: the chunk's place, bytes (CRC32C) and the options."""
     chunk = task.chunk
     return {
         "schema_version": schema.SCHEMA_VERSION,
@@ -117,8 +119,8 @@ def _fingerprint(task: ChunkTask, config: ShardConfig, data: bytes) -> dict:
         "compression": "GZIP" if config.gzip else "",
         "first_line": chunk.first_line,
         "num_lines": chunk.num_lines,
-        "input_bytes": len(data),
-        "input_crc32c": google_crc32c.value(data),  # 10x faster than zlib.crc32
+        "input_bytes": input_bytes,
+        "input_crc32c": input_crc32c,  # google_crc32c: 10x faster than zlib.crc32
         "answers_sha256": config.answers_sha256 if task.split == "valid" else "",
     }
 
@@ -391,16 +393,42 @@ def _label(split: str, row: tsv.Row, answers: Dict[int, FrozenSet[int]]) -> Opti
     return None
 
 
-def _line_spans(data: bytes) -> List[Tuple[int, int]]:
-    """(start, end) of each line of data, "\n" excluded (no copies of the ~40 KB lines)."""
-    spans, start = [], 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        if end < 0:
-            end = len(data)  # the file's last line has no newline
-        spans.append((start, end))
-        start = end + 1
-    return spans
+_READ_BUFFER = 1 << 18  # per-line work stays in the core's cache (lines are ~40 KB)
+
+
+def _chunk_crc32c(path: str, offset: int, length: int) -> Tuple[int, int]:
+    """(CRC32C, bytes read) of bytes [offset, offset + length) of path, read in blocks."""
+    crc, done = 0, 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        while done < length:
+            block = f.read(min(1 << 20, length - done))
+            if not block:
+                break
+            crc, done = google_crc32c.extend(crc, block), done + len(block)
+    return crc, done
+
+
+class _ChunkLines:
+    """Iterates over a chunk's lines as (line, end of its text: "\n" and a "\r" before it
+    excluded), holding one line at a time; counts the lines and bytes read and their CRC32C
+    (that of the whole chunk)."""
+
+    def __init__(self, f, length: int):
+        self._file, self._left = f, length
+        self.lines = self.bytes = self.crc32c = 0
+
+    def __iter__(self):
+        while self._left > 0:
+            line = self._file.readline(self._left)
+            if not line:
+                return  # the file shrank; the caller compares the counts
+            self._left -= len(line)
+            self.lines += 1
+            self.bytes += len(line)
+            self.crc32c = google_crc32c.extend(self.crc32c, line)
+            end = len(line) - line.endswith(b"\n")
+            yield line, end - (line[end - 1:end] == b"\r" if end else 0)
 
 
 def process_chunk(task: ChunkTask, config: ShardConfig) -> dict:
@@ -413,13 +441,12 @@ def process_chunk(task: ChunkTask, config: ShardConfig) -> dict:
       The shard's sidecar dict, plus "skipped": True when a finished shard was reused.
     """
     chunk = task.chunk
-    with open(task.source, "rb") as f:
-        f.seek(chunk.offset)
-        data = f.read(chunk.length)
-    fingerprint = _fingerprint(task, config, data)
     old = load_sidecar(config.out_dir, task.split, chunk.index)
-    if is_complete(config.out_dir, old, fingerprint):
-        return dict(old, skipped=True)
+    if old is not None:  # a rerun: reuse the shard if its input and options are unchanged
+        fingerprint = _fingerprint(task, config, *_chunk_crc32c(task.source, chunk.offset,
+                                                                 chunk.length))
+        if is_complete(config.out_dir, old, fingerprint):
+            return dict(old, skipped=True)
 
     rel = shard_file(task.split, chunk.index, config.gzip)
     path = os.path.join(config.out_dir, rel)
@@ -433,24 +460,23 @@ def process_chunk(task: ChunkTask, config: ShardConfig) -> dict:
     queries: Dict[int, None] = {}   # ordered set of query ids with kept rows
     positives: List[List[int]] = []
     rows = capped = 0
-    spans = _line_spans(data)
-    if len(spans) != chunk.num_lines:
-        raise RuntimeError(f"{task.source}: lines {chunk.first_line}.. changed while prep ran "
-                           f"({len(spans)} lines where {chunk.num_lines} were)")
     tmp = tmp_name(path)
-    with RecordWriter(tmp, config.gzip) as writer:
-        for line_no, (start, end) in enumerate(spans, chunk.first_line):
+    with open(task.source, "rb", buffering=_READ_BUFFER) as source, \
+            RecordWriter(tmp, config.gzip) as writer:
+        source.seek(chunk.offset)
+        lines = _ChunkLines(source, chunk.length)
+        for line_no, (line, text_end) in enumerate(lines, chunk.first_line):
             try:
                 if line_no in ungrouped:
                     raise tsv.RowError("query_id", "query_not_grouped", ungrouped[line_no])
-                row = tsv.parse_row(data, start, end - 1 if data[end - 1:end] == b"\r" else end)
+                row = tsv.parse_row(line, 0, text_end)
                 lemmas, key = normalize(row.query, config.drop_leading_be)
                 if not lemmas:
                     raise tsv.RowError("query", "empty_query",
                                        f"{row.query[:60]!r} has no tokens after normalisation")
             except tsv.RowError as e:
                 reasons[e.reason] += 1
-                rejects.append(_reject_line(line_no, e, data[start:end]))
+                rejects.append(_reject_line(line_no, e, line.rstrip(b"\n")))
                 continue
             boxes, features, labels = row.boxes, row.features, row.labels
             if len(boxes) > config.max_boxes:
@@ -471,6 +497,14 @@ def process_chunk(task: ChunkTask, config: ShardConfig) -> dict:
             if task.split == "train":
                 corpus.append(" ".join(lemmas) + "\n")
                 lemma_counts.update(lemmas)
+    fresh = _fingerprint(task, config, lines.crc32c, lines.bytes)
+    if (lines.lines, lines.bytes) != (chunk.num_lines, chunk.length) or (
+            old is not None and fresh != fingerprint):
+        os.remove(tmp)
+        raise RuntimeError(f"{task.source}: lines {chunk.first_line}.. changed while prep ran "
+                           f"({lines.lines} lines and {lines.bytes} bytes where "
+                           f"{chunk.num_lines} and {chunk.length} were)")
+    fingerprint = fresh
     os.replace(tmp, path)
 
     sidecars = [state_file(task.split, chunk.index, "rejects.tsv")]

@@ -35,7 +35,8 @@ PREDICT = tf.estimator.ModeKeys.PREDICT
 # ---------------------------------------------------------------------------------------
 # Manifest helpers.
 def load_manifest(data_dir: str) -> dict:
-    """The prep manifest (data_prep.prep.load_manifest: checks the schema version)."""
+    """The prep manifest (data_prep.prep.load_manifest: checks the schema and query
+    normalisation versions)."""
     return prep.load_manifest(data_dir)
 
 

@@ -65,3 +65,21 @@ def test_merge_into_a_part_directory_and_missing_machine_error(inputs, tmp_path,
     assert [s["file"] for s in m["splits"]["train"]["shards"]] == \
         [f"train/part-{k:05d}.tfrecord" for k in range(5)]  # 18 lines / 4
     assert prep.split_files(parts[0], "valid")
+
+
+def test_a_part_made_by_other_normalisation_rules_is_refused(inputs, tmp_path, capsys):
+    import json
+
+    from data_prep import write
+    for i in range(2):
+        assert prep.main(_args(inputs, tmp_path / f"m{i}", "--shard-index", str(i),
+                               "--num-shards", "2")) == 0
+    sidecar_path = tmp_path / "m1" / write.state_file("train", 3, "json")
+    sidecar = json.loads(sidecar_path.read_text())
+    sidecar["fingerprint"]["normalization_version"] = 1  # as an older version of prep wrote
+    sidecar_path.write_text(json.dumps(sidecar))
+    assert merge.main(["--out", str(tmp_path / "merged"), str(tmp_path / "m0"),
+                       str(tmp_path / "m1")]) == 1
+    assert "shard 3 of train has queries normalised by rules version 1" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "merged" / "manifest.json").exists()

@@ -177,7 +177,8 @@ def write_prep_dir(path: str, num_train: int = 400, num_valid_queries: int = 12,
     if num_test_queries:
         write_split("test", candidate_lists(num_test_queries, 3_000_000, False), 1)
     manifest = {
-        "schema_version": schema.SCHEMA_VERSION, "compression": compression,
+        "schema_version": schema.SCHEMA_VERSION,
+        "normalization_version": text.NORMALIZATION_VERSION, "compression": compression,
         "max_boxes": max_boxes, "vocab": schema.VOCAB_FILE,
         "embeddings": schema.EMBEDDINGS_FILE, "embedding_dim": embedding_dim,
         "vocab_size": len(tokens), "splits": splits,

@@ -177,3 +177,25 @@ def test_help_lists_the_options(capsys):
     out = capsys.readouterr().out
     for option in ("--rows-per-shard", "--max-boxes", "--gzip", "--shard-index", "--workers"):
         assert option in out
+
+
+@pytest.mark.parametrize("recorded", [None, 1, 99])
+def test_a_prep_made_by_other_normalisation_rules_is_refused(single, tmp_path, recorded):
+    import json
+    import shutil
+
+    from data_prep import text
+    out = tmp_path / "old"
+    shutil.copytree(single, out)
+    manifest = json.loads((out / schema.MANIFEST_FILE).read_text())
+    assert manifest["normalization_version"] == text.NORMALIZATION_VERSION
+    if recorded is None:
+        del manifest["normalization_version"]  # written before the key existed: version 1
+    else:
+        manifest["normalization_version"] = recorded
+    (out / schema.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"{schema.MANIFEST_FILE}: queries were normalised by "
+                                         f"rules version {recorded or 1}.*rerun mmrecall prep"):
+        prep.load_manifest(str(out))
+    with pytest.raises(ValueError, match="rules version"):
+        prep.split_files(str(out), "train")

@@ -174,6 +174,27 @@ def test_finished_shard_is_reused_only_while_its_fingerprint_and_size_match(tmp_
     assert not repaired["skipped"] and os.path.getsize(shard) == changed["bytes"]
 
 
+def test_fingerprint_holds_the_crc_of_the_whole_chunk(tmp_path):
+    import google_crc32c
+    lines = [fx.line(r) for r in fx.train_rows(19, 5)]
+    sidecar, _ = _run_chunk(tmp_path, "train", lines)
+    raw = ("\n".join(lines) + "\n").encode()
+    assert sidecar["fingerprint"]["input_crc32c"] == google_crc32c.value(raw)
+    assert sidecar["fingerprint"]["input_bytes"] == len(raw)
+
+
+def test_a_chunk_that_shrank_after_chunking_is_refused_and_nothing_is_left(tmp_path):
+    lines = [fx.line(r) for r in fx.train_rows(23, 4)]
+    path = fx.write_tsv(str(tmp_path / "train.tsv"), lines)
+    chunk, = tsv.iter_chunks(path, 100, group_by_query=False)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-len(lines[-1]) - 1])  # the last line is gone
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="3 lines and .* where 4"):
+        write.process_chunk(write.ChunkTask("train", path, chunk), write.ShardConfig(str(out)))
+    assert os.listdir(out / "train") == []
+
+
 def test_stale_temporaries_of_owned_shards_are_removed(tmp_path):
     out = tmp_path / "out"
     (out / "train").mkdir(parents=True)
