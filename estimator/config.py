@@ -70,8 +70,12 @@ class Config:
     # --- negatives and losses ---------------------------------------------------------------
     sampler: str = "hard"              # a key of estimator.negatives.SAMPLERS
     num_negatives: int = 4             # K in-batch negatives per positive
+    # Keys of losses.LOSSES: "log_loss" (binary, on the cross logits: the seed design),
+    # "softmax" (the towers' in-batch softmax), "cross_softmax" (listwise: each positive's
+    # cross logit against its negatives'; adding it or swapping it for log_loss measured
+    # no better, bench/quality.py).
     loss_weights: Dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"log_loss": 1.0, "softmax": 1.0})   # keys of losses.LOSSES
+        default_factory=lambda: {"log_loss": 1.0, "softmax": 1.0})
     temperature: float = 0.1           # in-batch softmax temperature (cosine logits / T)
     # Scale of the gradient that flows from the matcher (cross logits) back into the tower
     # states: 1 = fully joint, 0 = towers trained by the tower losses only and the matcher

@@ -19,7 +19,9 @@ LossInputs = collections.namedtuple("LossInputs", [
     "query_key",      # int64 [B]
     "product_id",     # int64 [B]
     "temperature",    # python float
-])
+    "pair_groups",    # int32 [P] the list a pair is ranked in: its positive's row (training)
+                      # or its query (eval); None where no loss needs it
+], defaults=(None,))
 
 
 def log_loss(x: LossInputs):
@@ -53,9 +55,35 @@ def in_batch_softmax(x: LossInputs):
     return tf.reduce_sum(ce * w) / tf.maximum(tf.reduce_sum(w), 1.0)
 
 
+def cross_softmax(x: LossInputs):
+    """Listwise loss of the matcher: each positive pair's cross logit against the negatives
+    of its list (the K negatives chosen for it in training; its query's other candidates in
+    eval), -log(e^pos / (e^pos + sum_neg e^neg)) = softplus(logsumexp(neg) - pos). Other
+    positives of the list are left out of the denominator; a list without valid negatives
+    adds 0. Mean over positive pairs.
+    """
+    if x.pair_groups is None:
+        raise ValueError("cross_softmax needs LossInputs.pair_groups")
+    logits, groups = x.pair_logits, x.pair_groups
+    num_groups = tf.shape(logits)[0]  # group ids are < P
+    is_neg = tf.logical_and(x.pair_labels < 0.5, x.pair_weights > 0)
+    neg_logits = tf.where(is_neg, logits, tf.fill(tf.shape(logits), -1e9))
+    peak = tf.math.unsorted_segment_max(neg_logits, groups, num_groups)       # [G]
+    peak = tf.stop_gradient(tf.maximum(peak, -1e9))  # empty groups: lowest float -> -1e9
+    total = tf.math.unsorted_segment_sum(
+        tf.where(is_neg, tf.exp(logits - tf.gather(peak, groups)), tf.zeros_like(logits)),
+        groups, num_groups)                                                    # [G]
+    neg_lse = tf.where(total > 0, peak + tf.math.log(tf.maximum(total, 1e-30)),
+                       tf.fill(tf.shape(total), -1e9))                         # [G]
+    ce = tf.nn.softplus(tf.gather(neg_lse, groups) - logits)                  # [P]
+    w = x.pair_labels * x.pair_weights
+    return tf.reduce_sum(ce * w) / tf.maximum(tf.reduce_sum(w), 1.0)
+
+
 LOSSES: Dict[str, Callable[[LossInputs], tf.Tensor]] = {
     "log_loss": log_loss,
     "softmax": in_batch_softmax,
+    "cross_softmax": cross_softmax,
 }
 
 

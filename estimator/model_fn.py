@@ -179,6 +179,7 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
             pairs = negatives.build_pairs(q_states, num_tokens, q_pooled, p_states,
                                           num_boxes, p_pooled, neg_idx, neg_valid)  # P rows
             row_labels = tf.ones_like(num_tokens, tf.float32)                 # [B]
+            pair_groups = pairs["query_index"]                                # [P]
             tf.compat.v1.summary.scalar("negatives/valid_fraction",
                                         tf.reduce_mean(tf.cast(neg_valid, tf.float32)))
         else:
@@ -188,6 +189,8 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
             pairs = {"q_states": q_states, "num_tokens": num_tokens, "q_pooled": q_pooled,
                      "p_states": p_states, "num_boxes": num_boxes, "p_pooled": p_pooled,
                      "labels": row_labels, "weights": tf.ones_like(row_labels)}
+            list_id = features.get(schema.F_QUERY_ID, query_key)  # eval lists are queries
+            pair_groups = tf.unique(list_id, out_idx=tf.int32).idx             # [B]
         g = cfg.cross_to_tower_gradient if training else 1.0
         out = ranker.score_pairs(_scale_gradient(pairs["q_states"], g), pairs["num_tokens"],
                                  pairs["q_pooled"], _scale_gradient(pairs["p_states"], g),
@@ -197,7 +200,7 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
             pair_logits=out["cross_logit"], pair_labels=pairs["labels"],
             pair_weights=pairs["weights"], q_pooled=q_pooled, p_pooled=p_pooled,
             row_labels=row_labels, query_key=query_key, product_id=product_id,
-            temperature=cfg.temperature)
+            temperature=cfg.temperature, pair_groups=pair_groups)
         total, parts = losses.weighted_losses(cfg.loss_weights, loss_inputs)
         total = tf.identity(total, name="total_loss")
 

@@ -63,3 +63,40 @@ def test_weighted_losses_combine_and_skip_zero_weights():
     assert float(total) == pytest.approx(2 * math.log(2), rel=1e-6)
     total, parts = losses.weighted_losses({"log_loss": 1.0, "softmax": 3.0}, x)
     assert float(total) == pytest.approx(math.log(2) + 3 * math.log(1 + math.exp(-2)), rel=1e-6)
+
+
+def test_cross_softmax_hand_computed():
+    # List 0: positive logit 1, a valid negative 2 and an invalid one (weight 0) at 50:
+    #   softplus(2 - 1) = log(1 + e). List 1: positive 0, negative 0: log 2.
+    x = _inputs(pair_logits=tf.constant([1.0, 2.0, 50.0, 0.0, 0.0]),
+                pair_labels=tf.constant([1.0, 0.0, 0.0, 1.0, 0.0]),
+                pair_weights=tf.constant([1.0, 1.0, 0.0, 1.0, 1.0]),
+                pair_groups=tf.constant([0, 0, 0, 1, 1]))
+    expected = (math.log(1 + math.e) + math.log(2)) / 2
+    assert float(losses.cross_softmax(x)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_cross_softmax_leaves_other_positives_out_and_empty_lists_add_zero():
+    # One list, two positives (0 and 5) and one negative (0): each positive is ranked
+    # against the negative only: log 2 and log(1 + e^-5). List 1 has no negative: loss 0.
+    x = _inputs(pair_logits=tf.constant([0.0, 5.0, 0.0, -3.0]),
+                pair_labels=tf.constant([1.0, 1.0, 0.0, 1.0]),
+                pair_weights=tf.ones([4]), pair_groups=tf.constant([0, 0, 0, 1]))
+    expected = (math.log(2) + math.log(1 + math.exp(-5)) + 0.0) / 3
+    assert float(losses.cross_softmax(x)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_cross_softmax_is_stable_for_large_logits_and_pushes_the_right_way():
+    logits = tf.Variable([1000.0, 1001.0, -1000.0])
+    x = dict(pair_labels=tf.constant([1.0, 0.0, 0.0]), pair_weights=tf.ones([3]),
+             pair_groups=tf.constant([0, 0, 0]))
+    with tf.GradientTape() as tape:
+        loss = losses.cross_softmax(_inputs(pair_logits=logits, **x))
+    grad = tape.gradient(loss, logits).numpy()
+    assert float(loss) == pytest.approx(math.log(1 + math.e), rel=1e-5)
+    assert grad[0] < 0 < grad[1] and np.isfinite(grad).all()
+
+
+def test_cross_softmax_needs_groups():
+    with pytest.raises(ValueError, match="pair_groups"):
+        losses.cross_softmax(_inputs())

@@ -59,6 +59,28 @@ def test_model_fn_all_modes(mode):
                                            rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", [TRAIN, EVAL])
+def test_listwise_cross_softmax_loss_trains_and_evaluates(mode):
+    with tf.Graph().as_default():
+        tf.compat.v1.set_random_seed(2)
+        f = random_batch(12, 6, 4, V, seed=3)
+        f[schema.F_QUERY_ID] = np.repeat(np.arange(3), 4).astype(np.int64)  # 3 lists of 4
+        labels = tf.constant((np.arange(12) % 4 == 0).astype(np.float32))
+        cfg = _cfg(loss_weights={"cross_softmax": 1.0})
+        spec = model_fn.model_fn_builder(cfg, V, None)(_feed(f), labels, mode, {})
+        with tf.compat.v1.Session() as sess:
+            sess.run([tf.compat.v1.global_variables_initializer(),
+                      tf.compat.v1.local_variables_initializer()])
+            l0 = sess.run(spec.loss)
+            # One positive against 3 (eval) or up to K (train) negatives: about log(1 + n)
+            # at initialisation.
+            assert 0.3 < l0 < 3.0
+            if mode == TRAIN:
+                for _ in range(20):
+                    sess.run(spec.train_op)
+                assert sess.run(spec.loss) < l0
+
+
 def _predict_scores(features_list, cfg):
     """Scores of several feature batches with the same (random) weights."""
     with tf.Graph().as_default():
