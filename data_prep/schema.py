@@ -24,7 +24,8 @@ NUM_CLASSES = 33            # ids 0..32 of multimodal_labels.txt
 TSV_BOXES_DTYPE = np.dtype("<f4")     # [num_boxes, 4]
 TSV_FEATURES_DTYPE = np.dtype("<f4")  # [num_boxes, 2048]
 TSV_LABELS_DTYPE = np.dtype("<i8")    # [num_boxes]
-SUBMISSION_HEADER = ("query-id", "product1", "product2", "product3", "product4", "product5")
+NDCG_K = 5                  # the metric's cutoff (NDCG@5) and the products per submission row
+SUBMISSION_HEADER = ("query-id",) + tuple(f"product{i}" for i in range(1, NDCG_K + 1))
 
 # ---------------------------------------------------------------------------------------
 # Relative box geometry: one row of GEOMETRY_DIM floats per box (data_prep.geometry).

@@ -1,0 +1,137 @@
+"""`PrepDir`: a finished `mmrecall prep` directory, its manifest read and checked once.
+
+Everything downstream of prep (training, the input pipeline, export, merge, benches) asks
+a `PrepDir` what the prep made instead of reading `manifest.json` itself:
+
+    prep = PrepDir(path)              # raises PrepDirError naming the file and the fix
+    prep.split_files("train")         # absolute shard paths, empty shards left out
+    prep.vocab_tokens()               # [V] tokens, index == id
+    prep.embeddings()                 # float32 [V, W] word2vec rows, L2-normalised
+    prep.embedding_dim, prep.max_boxes, prep.compression, prep.normalization_version
+
+Dimension legend: V vocabulary entries, W word2vec width.
+"""
+import json
+import os
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from data_prep import schema, text, vocab
+
+
+class PrepDirError(ValueError):
+    """The directory is not a finished prep this code can read (message names the path)."""
+
+
+class PrepDir:
+    """A finished prep directory (read-only). Vocabulary and embeddings load lazily, once."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.manifest = load_manifest(self.path)
+        self._tokens: Optional[List[str]] = None
+        self._embeddings: Optional[np.ndarray] = None
+
+    def __repr__(self) -> str:
+        return f"PrepDir({self.path!r})"
+
+    # --- settings the prep was made with ----------------------------------------------------
+    @property
+    def compression(self) -> str:
+        """"GZIP" or "" (TFRecordDataset's compression_type)."""
+        return self.manifest.get("compression", "") or ""
+
+    @property
+    def max_boxes(self) -> int:
+        """Prep's box cap: each product kept at most this many boxes, the largest by area."""
+        return int(self.manifest["max_boxes"])
+
+    @property
+    def embedding_dim(self) -> int:
+        """W, the word2vec width."""
+        return int(self.manifest["embedding_dim"])
+
+    @property
+    def normalization_version(self) -> int:
+        """The query normalisation rules' version (data_prep.text.NORMALIZATION_VERSION)."""
+        return int(self.manifest.get("normalization_version", 1))
+
+    @property
+    def vocab_size(self) -> int:
+        """V, rows of the vocabulary (0 when the prep had no train split)."""
+        return int(self.manifest.get("vocab_size") or 0)
+
+    # --- splits ---------------------------------------------------------------------------
+    @property
+    def splits(self) -> Tuple[str, ...]:
+        """The prepared splits, in schema.SPLITS order."""
+        return tuple(s for s in schema.SPLITS if s in self.manifest["splits"])
+
+    def split_files(self, split: str) -> List[str]:
+        """Absolute paths of a split's non-empty shards in shard order ([] if not prepared)."""
+        entry = self.manifest["splits"].get(split)
+        if not entry:
+            return []
+        return [os.path.join(self.path, s["file"]) for s in entry["shards"] if s["rows"]]
+
+    def split_rows(self, split: str) -> int:
+        """Rows written for a split (0 if not prepared)."""
+        return int((self.manifest["splits"].get(split) or {}).get("rows", 0))
+
+    # --- vocabulary and word2vec -------------------------------------------------------------
+    def vocab_tokens(self) -> List[str]:
+        """The vocabulary, index == id, as the training and serving lookups use it.
+
+        Raises:
+          PrepDirError: the prep had no train split, so it built no vocabulary.
+        """
+        if self._tokens is None:
+            name = self.manifest.get("vocab")
+            if not name:
+                raise PrepDirError(f"{self.path}: the prep built no vocabulary (it had no "
+                                   f"--train); rerun mmrecall prep with the train split")
+            self._tokens = [t for t, _ in vocab.load_vocab(os.path.join(self.path, name))]
+        return list(self._tokens)
+
+    def embeddings(self) -> np.ndarray:
+        """float32 [V, W] word2vec vectors, rows aligned with vocab_tokens()."""
+        if self._embeddings is None:
+            name = self.manifest.get("embeddings")
+            if not name:
+                raise PrepDirError(f"{self.path}: the prep wrote no word2vec vectors (it had "
+                                   f"no --train); rerun mmrecall prep with the train split")
+            self._embeddings = np.load(os.path.join(self.path, name)).astype(np.float32)
+        return self._embeddings
+
+
+def load_manifest(out_dir: str) -> dict:
+    """Reads and checks DIR/manifest.json of a finished prep.
+
+    Raises:
+      PrepDirError: no such directory, no manifest (prep unfinished), another schema or other
+        query normalisation rules than text.NORMALIZATION_VERSION.
+    """
+    path = os.path.join(out_dir, schema.MANIFEST_FILE)
+    if not os.path.isdir(out_dir):
+        raise PrepDirError(f"{out_dir}: no such directory; give the --out of a finished "
+                           f"mmrecall prep")
+    if not os.path.exists(path):
+        raise PrepDirError(f"{path}: missing; {out_dir} is not a finished prep (run mmrecall "
+                           f"prep with --out {out_dir}; a rerun resumes)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PrepDirError(f"{path}: unreadable ({e}); rerun mmrecall prep") from None
+    if manifest.get("schema_version") != schema.SCHEMA_VERSION:
+        raise PrepDirError(f"{path}: schema_version {manifest.get('schema_version')}, this "
+                           f"code reads {schema.SCHEMA_VERSION}; rerun mmrecall prep")
+    # Lemmas made by other normalisation rules than the export's in-graph ones would skew
+    # serving from training (preps from before the key was written used version 1).
+    version = manifest.get("normalization_version", 1)
+    if version != text.NORMALIZATION_VERSION:
+        raise PrepDirError(f"{path}: queries were normalised by rules version {version}, this "
+                           f"code (and its export) uses version {text.NORMALIZATION_VERSION}; "
+                           f"rerun mmrecall prep with the same --out (it rewrites the shards)")
+    return manifest
