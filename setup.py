@@ -9,8 +9,7 @@ setup(
         "text/box transformer ranker, and a TF Serving SavedModel."
     ),
     python_requires=">=3.11,<3.12",
-    packages=["data_prep", "estimator", "export"],
-    py_modules=["mmrecall_cli"],
+    packages=["data_prep", "estimator", "export", "mmrecall_cli", "mmrecall_testing"],
     install_requires=[
         "tensorflow==2.15.1",
         "tensorflow-text==2.15.0",

@@ -67,7 +67,7 @@ def main(argv=None):
     data = args.data
     if not data:
         sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-        from model_fixtures import write_prep_dir
+        from mmrecall_testing.model_fixtures import write_prep_dir
 
         data = write_prep_dir(tempfile.mkdtemp(prefix="mmrecall-tp-"), num_train=2000,
                               num_valid_queries=0, max_boxes=10, embedding_dim=64)

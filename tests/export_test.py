@@ -16,7 +16,7 @@ import tensorflow_text  # noqa: F401  (the graph's NormalizeUTF8 op)
 from data_prep import schema
 from export import export as export_lib
 from export import signatures as sig_lib
-import export_fixtures as fx
+from mmrecall_testing import export_fixtures as fx
 
 TOL = 1e-5
 

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from data_prep import schema, text, vocab
 from estimator import input_fn
-from model_fixtures import tiny_config, write_prep_dir
+from mmrecall_testing.model_fixtures import tiny_config, write_prep_dir
 
 TRAIN, EVAL, PREDICT = (tf.estimator.ModeKeys.TRAIN, tf.estimator.ModeKeys.EVAL,
                         tf.estimator.ModeKeys.PREDICT)

@@ -4,7 +4,7 @@ import os
 import pytest
 
 from data_prep import merge, prep
-import tsv_fixtures as fx
+from mmrecall_testing import tsv_fixtures as fx
 
 
 @pytest.fixture(scope="module")

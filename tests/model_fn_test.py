@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from data_prep import schema
 from estimator import input_fn, model_fn, network, train
-from model_fixtures import random_batch, tiny_config, write_prep_dir
+from mmrecall_testing.model_fixtures import random_batch, tiny_config, write_prep_dir
 
 TRAIN, EVAL, PREDICT = (tf.estimator.ModeKeys.TRAIN, tf.estimator.ModeKeys.EVAL,
                         tf.estimator.ModeKeys.PREDICT)

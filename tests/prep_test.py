@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from data_prep import prep, schema, vocab
-import tsv_fixtures as fx
+from mmrecall_testing import tsv_fixtures as fx
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-import tsv_fixtures
+from mmrecall_testing import tsv_fixtures
 from export import rank, score
 
 

@@ -4,7 +4,7 @@ import tensorflow as tf
 
 from data_prep import schema
 from estimator import towers
-from model_fixtures import random_batch
+from mmrecall_testing.model_fixtures import random_batch
 
 B, T, N, D, E, V, W = 13, 7, 5, 24, 16, 20, 8
 

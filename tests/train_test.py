@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from estimator import input_fn, metrics, train
 from estimator.config import CONFIG_FILE, Config
-from model_fixtures import tiny_config, write_prep_dir
+from mmrecall_testing.model_fixtures import tiny_config, write_prep_dir
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from data_prep import schema, tsv
-import tsv_fixtures as fx
+from mmrecall_testing import tsv_fixtures as fx
 
 
 def test_parse_row_returns_the_encoded_values():

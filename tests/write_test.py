@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_prep import geometry, schema, text, tsv, write
-import tsv_fixtures as fx
+from mmrecall_testing import tsv_fixtures as fx
 
 
 @pytest.mark.parametrize("num_boxes, label", [(1, 1), (5, 0), (0, None), (3, None)])
