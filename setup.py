@@ -1,5 +1,16 @@
 """Packaging for mmrecall: query -> product-photo ranking with TF Estimator."""
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# The layers, lowest first (tests/imports_test.py keeps imports pointing down), and the
+# fixtures shared by tests and benches.
+PACKAGES = ("data_prep", "estimator", "export", "retrieval", "mmrecall_cli", "mmrecall_testing")
+
+# Catalogue retrieval's ANN index (retrieval/ann.py). ScaNN, chosen by bench/retrieval.py
+# (at recall@100 >= 0.97 of exact on 1M vectors it answers a single query several times
+# faster than faiss IVF on 2 cores). Exactly 1.3.0: every later 1.3.x pulls TensorFlow 2.18
+# and numpy 2, which breaks the pinned stack. faiss-cpu (1.15 installs beside numpy 1.26)
+# is the other kind `mmrecall index --ann faiss-ivf` builds, and the bench's comparison.
+RETRIEVAL = ["scann==1.3.0", "faiss-cpu>=1.15,<1.16"]
 
 setup(
     name="mmrecall",
@@ -9,7 +20,7 @@ setup(
         "text/box transformer ranker, and a TF Serving SavedModel."
     ),
     python_requires=">=3.11,<3.12",
-    packages=["data_prep", "estimator", "export", "mmrecall_cli", "mmrecall_testing"],
+    packages=find_packages(include=[p for name in PACKAGES for p in (name, name + ".*")]),
     install_requires=[
         "tensorflow==2.15.1",
         "tensorflow-text==2.15.0",
@@ -22,7 +33,14 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7", "tensorflow-serving-api==2.15.1"],
+        "test": [
+            "pytest>=7",
+            "tensorflow-serving-api==2.15.1",
+            # Property-based fuzzing: random corruptions of TSV rows (tests/tsv_fuzz_test.py)
+            # shrink to the smallest failing row, which hand-written cases cannot.
+            "hypothesis>=6.100,<7",
+        ] + RETRIEVAL,                      # tests/retrieval_*_test.py build both ANN kinds
+        "retrieval": RETRIEVAL,
         "serving": ["tensorflow-serving-api==2.15.1"],
     },
     entry_points={"console_scripts": ["mmrecall=mmrecall_cli:main"]},

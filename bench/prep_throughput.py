@@ -7,8 +7,8 @@ Generates its own competition-format TSV (random rows via tsv.encode_row), then 
             no coordination at all): the most 2 processes of this work gain on this machine,
             the ceiling for prep_2 / prep_1. On a machine whose 2 vCPUs share one physical
             core's execution units it is well below 2;
-  prep_1  prep.run with 1 worker (in the main process);
-  prep_2  prep.run with 2 worker processes.
+  prep_1  engine.run with 1 worker (in the main process);
+  prep_2  engine.run with 2 worker processes.
 Prep rates are over the shard-writing phase (workers started and warm, vocabulary/word2vec
 excluded); end-to-end wall times are reported beside them. The three are interleaved for
 `--repeats` rounds (the order reversed every other round, so that drift in the machine's load
@@ -26,7 +26,6 @@ Targets: prep_1 >= 0.5 x decode, prep_2 >= 1.7 x prep_1.
 """
 import argparse
 import base64
-import json
 import multiprocessing
 import os
 import resource
@@ -38,7 +37,8 @@ import time
 
 import numpy as np
 
-from data_prep import prep, schema, tsv
+from data_prep import engine, schema, tsv
+from mmrecall_testing.bench_report import write_report
 
 TARGETS = {"prep1_vs_decode": 0.5, "prep2_vs_prep1": 1.7}
 WORDS = ("red", "dress", "knives", "wooden", "storage", "box", "children", "shoes", "silk",
@@ -102,9 +102,9 @@ def time_prep(path: str, workers: int, rows_per_shard: int) -> dict:
     out = tempfile.mkdtemp(prefix=f"prep_bench_w{workers}_")
     try:
         start = time.perf_counter()
-        result = prep.run(prep.PrepOptions(out=out, train=path, workers=workers,
-                                           rows_per_shard=rows_per_shard, progress=False,
-                                           w2v_epochs=1))
+        result = engine.run(engine.PrepOptions(out=out, train=path, workers=workers,
+                                               rows_per_shard=rows_per_shard, progress=False,
+                                               w2v_epochs=1))
         wall = time.perf_counter() - start
         train = result["manifest"]["splits"]["train"]
         return {"wall_s": wall, **{f"{k}_s": v for k, v in result["seconds"].items()},
@@ -278,9 +278,7 @@ def main(argv=None) -> int:
               **summarise(rounds, args.rows, mb), "rounds": rounds,
               "load_avg": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]}}
     print_report(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
+    write_report(args.json, report)
     print(f"wrote {args.json}")
     return 0
 

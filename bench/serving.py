@@ -21,9 +21,8 @@ slows them alike and the ratios to the Estimator stay comparable:
   saved_model_score_dense  the `score_dense` signature on client-decoded float tensors.
   tf2_function_rank    the `rank` signature through tf.saved_model.load (a pruned
                        function; load_s is its load time). TF 2.15 formats every input's
-                       repr when binding a TF1 signature's keyword arguments, which costs
-                       ~16 ms per call here: a Python client cost the model server does not
-                       pay. --skip-tf2 leaves it out.
+                       repr when binding a TF1 signature's keyword arguments: a Python
+                       client cost the model server does not pay. --skip-tf2 leaves it out.
   baseline_saved_model_rank, baseline_saved_model_rank_raw_bytes,
   baseline_tf2_function_rank  with --baseline-export: `rank` of another export (e.g. one written
                        by an older version of export/) in the same run.
@@ -38,17 +37,43 @@ checkpoint of the default Config, an export), so it runs anywhere in about a min
     python bench/serving.py [--model-dir M --data PREP --export EXPORT --input valid.tsv]
                             [--baseline-export OLD_EXPORT] [--candidates 30]
                             [--iterations 200] [--skip-tf2] [--out FILE]
+
+Concurrent mode (--concurrent 1,2,4,8 [--lists-per-call 1,8] [--seconds 5]): N client
+threads call `rank` on one TF1 Session for a bounded time, as the model server runs
+concurrent requests; each run reports lists/s and the p50/p99 latency of a call
+(bench/results/serving_concurrent.json). Calls of Q lists stand for what server-side
+batching makes of Q one-list requests: the grid is what serving/batching_parameters.txt
+is chosen from (docs/serving.md).
 """
 import argparse
 import base64
 import json
 import os
 import platform
+import queue
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import tensorflow as tf  # noqa: E402
+import tensorflow_text  # noqa: E402,F401  (registers NormalizeUTF8, an op of the export)
+
+from data_prep import prep as prep_lib  # noqa: E402
+from data_prep import geometry, schema, synth, text, tsv  # noqa: E402
+from data_prep.manifest import PrepDir  # noqa: E402
+from estimator import outputs  # noqa: E402
+from estimator import train as train_lib  # noqa: E402
+from estimator.config import Config  # noqa: E402
+from export import rank, saved_model  # noqa: E402
+from export import signatures as sig_lib  # noqa: E402
+from mmrecall_testing import export_fixtures  # noqa: E402
+from mmrecall_testing.bench_report import write_report  # noqa: E402
 
 CANDIDATES = 30
 
@@ -63,42 +88,28 @@ def _percentiles(seconds):
 
 
 def _tiny_world(root):
-    """Generated data -> prep -> random checkpoint -> export. Returns paths."""
-    import tensorflow as tf
+    """Generated data -> prep -> random checkpoint -> export.
 
-    from data_prep import prep as prep_lib
-    from data_prep import synth
-    from estimator import config as config_lib
-    from estimator import input_fn as input_lib
-    from estimator import network
-    from estimator import train as train_lib
-    from export import export as export_lib
-
+    Returns:
+      (model_dir, PrepDir, export base dir, valid TSV path).
+    """
     gen = os.path.join(root, "gen")
     synth.generate(synth.SynthConfig(out_dir=gen, seed=1, train_rows=200, valid_queries=3,
                                      test_queries=1, candidates=CANDIDATES))
-    prep = os.path.join(root, "prep")
-    assert prep_lib.main(["--out", prep, "--train", f"{gen}/train.tsv", "--valid",
+    prep_path = os.path.join(root, "prep")
+    assert prep_lib.main(["--out", prep_path, "--train", f"{gen}/train.tsv", "--valid",
                           f"{gen}/valid.tsv", "--valid-answers", f"{gen}/valid_answer.json",
                           "--embedding-dim", "32", "--w2v-epochs", "1", "--no-progress"]) == 0
-    cfg = train_lib.resolve_config(config_lib.Config(), prep)   # the default model size
+    prep = PrepDir(prep_path)
+    cfg = train_lib.resolve_config(Config(), prep)   # the default model size
     model_dir = os.path.join(root, "model")
-    cfg.save(model_dir)
-    with tf.Graph().as_default():
-        ranker = network.build_ranker(cfg, len(input_lib.vocab_tokens(prep)))
-        step = tf.compat.v1.train.get_or_create_global_step()
-        saver = tf.compat.v1.train.Saver(dict(ranker.variable_map(), global_step=step))
-        with tf.compat.v1.Session() as sess:
-            sess.run(tf.compat.v1.global_variables_initializer())
-            saver.save(sess, os.path.join(model_dir, "model.ckpt"), global_step=1)
-    export = export_lib.export_saved_model(model_dir, prep, os.path.join(root, "export"))
+    export_fixtures.write_random_checkpoint(cfg, model_dir, len(prep.vocab_tokens()))
+    export = saved_model.export_saved_model(model_dir, prep, os.path.join(root, "export"))
     return model_dir, prep, export, f"{gen}/valid.tsv"
 
 
 def _one_query(path, n):
     """The first query's rows (TSV column dicts), repeated up to n candidates."""
-    from data_prep import schema
-
     rows = []
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\n").split("\t")
@@ -112,6 +123,7 @@ def _one_query(path, n):
 
 
 def _rank_inputs(rows):
+    """`rank` inputs for one query (Q = 1) and its rows as candidates (C = len(rows))."""
     out = {k: np.array([[r[k].encode() for r in rows]], dtype=object)
            for k in ("boxes", "features", "class_labels")}
     out.update({k: np.array([[int(r[k]) for r in rows]], np.int64)
@@ -120,24 +132,21 @@ def _rank_inputs(rows):
     return out
 
 
-def _model_features(rows, cfg, prep_dir):
-    """The rows as model_fn features, computed the way prep + the input_fn compute them."""
-    from data_prep import geometry, schema, text, tsv
-    from estimator import input_fn as input_lib
+def _model_features(rows, cfg, prep):
+    """The rows as model_fn features, computed the way prep + the input_fn compute them.
 
-    manifest = input_lib.load_manifest(prep_dir)
-    ids = {t: i for i, t in enumerate(input_lib.vocab_tokens(prep_dir))}
-    prep_cap, model_cap = int(manifest["max_boxes"]), int(cfg.max_boxes)
+    Each product keeps its largest min(prep cap, Config.max_boxes) boxes by area: prep keeps
+    the largest prep.max_boxes, the input_fn the largest Config.max_boxes of those.
+    """
+    ids = {t: i for i, t in enumerate(prep.vocab_tokens())}
+    cap = min(prep.max_boxes, int(cfg.max_boxes))
     lines = ["\t".join(r[c] for c in schema.TSV_COLUMNS) for r in rows]
-    try:
-        parsed = [tsv.parse_row(line.encode("utf-8")) for line in lines]
-    except TypeError:  # an older data_prep.tsv read str lines
-        parsed = [tsv.parse_row(line) for line in lines]
-    lemmas = text.normalize_query(rows[0]["query"], manifest.get("drop_leading_be", True))
+    parsed = [tsv.parse_row(line.encode("utf-8")) for line in lines]
+    lemmas = text.normalize_query(rows[0]["query"], prep.manifest.get("drop_leading_be", True))
     tokens = [ids.get(t, schema.UNK_ID) for t in lemmas][:cfg.max_query_tokens]
     kept = []
     for p in parsed:
-        keep = geometry.largest_box_indices(p.boxes, prep_cap)[:model_cap]
+        keep = geometry.largest_box_indices(p.boxes, cap)
         kept.append((p.features[keep], geometry.relative_geometry(p.boxes[keep], p.image_h,
                                                                   p.image_w), p.labels[keep]))
     n = max(len(k[0]) for k in kept)
@@ -160,7 +169,7 @@ def _dense_inputs(rows):
     """score_dense inputs: the same rows decoded client-side into padded float tensors."""
     n = max(int(r["num_boxes"]) for r in rows)
     boxes = np.zeros([len(rows), n, 4], np.float32)
-    feats = np.zeros([len(rows), n, 2048], np.float32)
+    feats = np.zeros([len(rows), n, schema.FEATURE_DIM], np.float32)
     labels = np.zeros([len(rows), n], np.int64)
     for i, r in enumerate(rows):
         k = int(r["num_boxes"])
@@ -183,12 +192,8 @@ def _raw_bytes_inputs(rows):
 
 
 def _session(export):
-    """(session, meta_graph) of the newest version, loaded as the model server loads it."""
-    import tensorflow as tf
-    import tensorflow_text  # noqa: F401  (NormalizeUTF8)
-
-    from export import rank
-
+    """(session, meta_graph, load seconds) of the newest version, loaded as the model server
+    loads it."""
     graph = tf.Graph()
     with graph.as_default():
         sess = tf.compat.v1.Session(graph=graph)
@@ -200,6 +205,7 @@ def _session(export):
 
 
 def _signature_case(sess, meta, signature, inputs, output):
+    """A callable running `signature` on `inputs` in the Session, returning `output`."""
     graph = sess.graph
     sig = meta.signature_def[signature]
     feed = {graph.get_tensor_by_name(sig.inputs[k].name): v for k, v in inputs.items()}
@@ -209,12 +215,10 @@ def _signature_case(sess, meta, signature, inputs, output):
 
 def _preprocessed(graph):
     """{schema.F_* name: tensor} of the model's inputs, or None for an export without them."""
-    from data_prep import schema
-
     names = (schema.F_TOKEN_IDS, schema.F_NUM_TOKENS, schema.F_BOX_FEATURES,
              schema.F_BOX_GEOMETRY, schema.F_BOX_LABELS, schema.F_NUM_BOXES)
     try:
-        return {n: graph.get_tensor_by_name(f"preprocessed/{n}:0") for n in names}
+        return {n: graph.get_tensor_by_name(f"{sig_lib.PREPROCESSED}/{n}:0") for n in names}
     except KeyError:
         return None
 
@@ -231,10 +235,6 @@ def saved_model_cases(export, rows, skip_tf2=False, prefix=""):
     if not prefix:
         _more_session_cases(cases, sess, meta, rows, rank_inputs, raw_inputs)
     if not skip_tf2:
-        import tensorflow as tf
-
-        from export import rank
-
         start = time.perf_counter()
         model = tf.saved_model.load(rank.resolve_model_dir(export))
         extra[prefix + "tf2_function_rank"] = {"load_s": round(time.perf_counter() - start, 2)}
@@ -246,7 +246,7 @@ def saved_model_cases(export, rows, skip_tf2=False, prefix=""):
 
 def _more_session_cases(cases, sess, meta, rows, rank_inputs, raw_inputs):
     cases["saved_model_score_dense"] = _signature_case(sess, meta, "score_dense",
-                                                       _dense_inputs(rows), "score")
+                                                       _dense_inputs(rows), outputs.SCORE)
     pre = _preprocessed(sess.graph)
     if pre is not None:
         sig = meta.signature_def["rank"]
@@ -262,24 +262,16 @@ def _more_session_cases(cases, sess, meta, rows, rank_inputs, raw_inputs):
         cases["model_only"] = lambda: sess.run(fetch, model_feed)
 
 
-def estimator_case(model_dir, prep_dir, rows, batches):
+def estimator_case(model_dir, prep, rows, batches):
     """(callable returning the next batch's scores, setup seconds, first scores).
 
     estimator.predict() is a generator that keeps its graph as the default graph of the
     thread stepping it, so it is stepped in a thread of its own (a queue round trip,
     ~0.1 ms, is part of each measurement) and the other cases keep an eager main thread.
     """
-    import queue
-    import threading
-
-    import tensorflow as tf
-
-    from estimator import config as config_lib
-    from estimator import train as train_lib
-
-    cfg = config_lib.Config.load(model_dir)
-    features = _model_features(rows, cfg, prep_dir)
-    estimator = train_lib.build_estimator(cfg, model_dir, prep_dir, with_embeddings=False)
+    cfg = Config.load(model_dir)
+    features = _model_features(rows, cfg, prep)
+    estimator = train_lib.build_estimator(cfg, model_dir, prep, with_embeddings=False)
 
     def input_fn():
         return tf.data.Dataset.from_tensors(features).repeat(batches + 1)
@@ -290,7 +282,7 @@ def estimator_case(model_dir, prep_dir, rows, batches):
         try:
             stream = estimator.predict(input_fn, yield_single_examples=False)
             while requests.get():
-                results.put(next(stream)["score"])
+                results.put(next(stream)[outputs.SCORE])
         except BaseException as e:  # surfaced in the main thread
             results.put(e)
 
@@ -322,7 +314,67 @@ def run_round_robin(cases, iterations, warmup):
     return {name: _percentiles(t) for name, t in times.items()}
 
 
+def run_concurrent(sess, meta, rows, threads: int, lists_per_call: int, seconds: float):
+    """N client threads calling `rank` on one Session for a bounded time, as the model server
+    runs concurrent requests (one Session, many callers).
+
+    Args:
+      rows: one query's candidate rows (C = len(rows)); each call sends `lists_per_call`
+        copies of that list (Q = lists_per_call), what a batch of that many requests is.
+      threads: client threads; seconds: how long every thread keeps calling.
+    Returns:
+      {"threads", "lists_per_call", "calls", "lists_per_s", "p50_ms", "p99_ms"} (latency of
+      one call as its client sees it).
+    """
+    one = _rank_inputs(rows)
+    inputs = {k: np.repeat(v, lists_per_call, axis=0) for k, v in one.items()}
+    call = _signature_case(sess, meta, "rank", inputs, "scores")
+    call()                                                   # warm
+    latencies = [[] for _ in range(threads)]
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def client(mine):
+        while time.perf_counter() < deadline:
+            begin = time.perf_counter()
+            call()
+            mine.append(time.perf_counter() - begin)
+
+    workers = [threading.Thread(target=client, args=(l,)) for l in latencies]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    elapsed = time.perf_counter() - start
+    ms = np.concatenate([np.asarray(l) for l in latencies]) * 1000.0
+    return {"threads": threads, "lists_per_call": lists_per_call, "calls": int(ms.size),
+            "lists_per_s": round(ms.size * lists_per_call / elapsed, 1),
+            "p50_ms": round(float(np.percentile(ms, 50)), 1),
+            "p99_ms": round(float(np.percentile(ms, 99)), 1)}
+
+
+def concurrent_main(args) -> dict:
+    """--concurrent: the grid of client threads x lists per call, on one loaded Session."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.export and args.input:
+            export, input_path, world = args.export, args.input, "given"
+        else:
+            _, _, export, input_path = _tiny_world(tmp)
+            world = "tiny generated world, default Config, random weights"
+        rows = _one_query(input_path, args.candidates)
+        sess, meta, _ = _session(export)
+        runs = [run_concurrent(sess, meta, rows, threads, per_call, args.seconds)
+                for per_call in args.lists_per_call for threads in args.concurrent]
+        sess.close()
+    return {"benchmark": f"rank, {args.candidates} candidates per list, N client threads on "
+                         f"one TF1 Session, {args.seconds:g} s per run, CPU, in-process",
+            "runs": runs, "world": world, "tensorflow": tf.__version__,
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "unix_time": int(time.time())}
+
+
 def main(argv=None) -> int:
+    """Runs the cases, prints the JSON report and writes it to --out."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir")
     parser.add_argument("--data")
@@ -334,16 +386,30 @@ def main(argv=None) -> int:
                         help="also time the rank signature of this export (e.g. an older one)")
     parser.add_argument("--skip-tf2", action="store_true",
                         help="leave out the tf.saved_model.load path (saves its load time)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "serving.json"))
+    parser.add_argument("--concurrent", type=lambda v: [int(x) for x in v.split(",")],
+                        help="concurrent mode: client thread counts, e.g. 1,2,4,8 (only the "
+                             "rank signature; --export/--input or the tiny world)")
+    parser.add_argument("--lists-per-call", type=lambda v: [int(x) for x in v.split(",")],
+                        default=[1], help="concurrent mode: lists per rank call, e.g. 1,4,16")
+    parser.add_argument("--seconds", type=float, default=5.0,
+                        help="concurrent mode: seconds per run")
+    parser.add_argument("--out", default=None,
+                        help="JSON report (default bench/results/serving.json, "
+                             "serving_concurrent.json in concurrent mode)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    if args.concurrent:
+        _write_report(concurrent_main(args),
+                      args.out or os.path.join(results, "serving_concurrent.json"))
+        return 0
+    args.out = args.out or os.path.join(results, "serving.json")
 
     load_start = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory() as tmp:
         if args.model_dir and args.data and args.export and args.input:
-            model_dir, prep, export, input_path = args.model_dir, args.data, args.export, \
-                args.input
+            model_dir, prep, export, input_path = (args.model_dir, PrepDir(args.data),
+                                                   args.export, args.input)
             world = "given"
         else:
             model_dir, prep, export, input_path = _tiny_world(tmp)
@@ -368,8 +434,6 @@ def main(argv=None) -> int:
             scores = np.asarray(fn()).reshape(-1)
             differences[name] = float(np.max(np.abs(scores - est_scores)))
         stats = run_round_robin(cases, args.iterations, warmup)
-        import tensorflow as tf
-
         base = stats["estimator_predict"]["p50_ms"]
         result = {
             "benchmark": "rank 1 query x %d candidates, CPU, in-process, round-robin"
@@ -390,12 +454,14 @@ def main(argv=None) -> int:
             "python": platform.python_version(),
             "unix_time": int(time.time()),
         })
-    text = json.dumps(result, indent=2)
-    print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    _write_report(result, args.out)
     return 0
+
+
+def _write_report(result: dict, path: str) -> None:
+    """Prints the JSON report and writes it to `path`."""
+    print(json.dumps(result, indent=2))
+    write_report(path, result, indent=2)
 
 
 if __name__ == "__main__":

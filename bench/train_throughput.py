@@ -3,7 +3,8 @@
     python bench/train_throughput.py --data PREP_DIR [--steps 200] [--warmup 20]
                                      [--set key=value ...] [--out bench/results/...json]
 
-Without --data a small prep-shaped directory is written with tests/model_fixtures.py.
+Without --data a small prep-shaped directory is written with
+mmrecall_testing/model_fixtures.py.
 Measures, in the same process and with the same config:
   model:    tf.estimator training steps/s after `warmup` steps (hook timing), reported as
             positives/s (batch_size per step) and scored pairs/s (batch_size * (1 + K));
@@ -22,12 +23,17 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import tensorflow as tf  # noqa: E402
 
+from data_prep.manifest import PrepDir  # noqa: E402
 from estimator import input_fn as input_lib  # noqa: E402
 from estimator import train  # noqa: E402
 from estimator.config import Config  # noqa: E402
+from mmrecall_testing.model_fixtures import write_prep_dir  # noqa: E402
+from mmrecall_testing.bench_report import write_report  # noqa: E402
 
 
 class _Timer(tf.compat.v1.train.SessionRunHook):
+    """Times the training steps after the first `warmup` ones."""
+
     def __init__(self, warmup):
         self.warmup, self.count, self.start = warmup, 0, None
 
@@ -41,9 +47,10 @@ class _Timer(tf.compat.v1.train.SessionRunHook):
         self.timed_steps = self.count - self.warmup
 
 
-def measure_pipeline(cfg, data, batches, warmup=5):
-    ds = input_lib.input_fn_builder(cfg, input_lib.split_files(data, "train"),
-                                    tf.estimator.ModeKeys.TRAIN, data_dir=data)()
+def measure_pipeline(cfg, prep, batches, warmup=5):
+    """Examples/s of the TRAIN input_fn alone, over `batches` batches after `warmup`."""
+    ds = input_lib.input_fn_builder(cfg, prep.split_files("train"),
+                                    tf.estimator.ModeKeys.TRAIN, prep)()
     it = iter(ds)
     for _ in range(warmup):
         next(it)
@@ -55,6 +62,7 @@ def measure_pipeline(cfg, data, batches, warmup=5):
 
 
 def main(argv=None):
+    """Measures both rates, prints and writes the JSON; 1 when the pipeline is too slow."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data")
     parser.add_argument("--steps", type=int, default=200)
@@ -64,28 +72,24 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(HERE, "results", "train_throughput.json"))
     args = parser.parse_args(argv)
 
-    data = args.data
-    if not data:
-        sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-        from mmrecall_testing.model_fixtures import write_prep_dir
-
-        data = write_prep_dir(tempfile.mkdtemp(prefix="mmrecall-tp-"), num_train=2000,
-                              num_valid_queries=0, max_boxes=10, embedding_dim=64)
+    data = args.data or write_prep_dir(tempfile.mkdtemp(prefix="mmrecall-tp-"), num_train=2000,
+                                       num_valid_queries=0, max_boxes=10, embedding_dim=64)
+    prep = PrepDir(data)
     cfg = Config().with_overrides(args.set)
     cfg = Config.from_dict({"train_steps": args.steps + args.warmup,
                             "save_checkpoints_steps": 10 ** 9, "save_summary_steps": 10 ** 9,
                             "log_step_count_steps": 10 ** 9}, cfg)
-    cfg = train.resolve_config(cfg, data)
+    cfg = train.resolve_config(cfg, prep)
 
     model_dir = tempfile.mkdtemp(prefix="mmrecall-tp-model-")
-    est = train.build_estimator(cfg, model_dir, data)
+    est = train.build_estimator(cfg, model_dir, prep)
     timer = _Timer(args.warmup)
-    est.train(input_lib.input_fn_builder(cfg, input_lib.split_files(data, "train"),
-                                         tf.estimator.ModeKeys.TRAIN, data_dir=data),
+    est.train(input_lib.input_fn_builder(cfg, prep.split_files("train"),
+                                         tf.estimator.ModeKeys.TRAIN, prep),
               max_steps=cfg.train_steps, hooks=[timer])
     steps_per_s = timer.timed_steps / timer.seconds
     model_eps = steps_per_s * cfg.batch_size
-    pipeline_eps = measure_pipeline(cfg, data, args.pipeline_batches)
+    pipeline_eps = measure_pipeline(cfg, prep, args.pipeline_batches)
     report = {
         "data": data, "batch_size": cfg.batch_size, "num_negatives": cfg.num_negatives,
         "sampler": cfg.sampler, "max_boxes": cfg.max_boxes, "hidden_size": cfg.hidden_size,
@@ -98,9 +102,7 @@ def main(argv=None):
         "cpu_count": os.cpu_count(),
     }
     print(json.dumps(report, indent=2))
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    write_report(args.out, report, indent=2)
     return 0 if report["ok"] else 1
 
 

@@ -19,13 +19,13 @@ def relative_geometry(boxes: np.ndarray, image_h: float, image_w: float) -> np.n
         top < bottom, left < right).
       image_h, image_w: image size in pixels, > 0.
     Returns:
-      float32 [N, 6]: top/h, left/w, bottom/h, right/w, area/(h*w),
+      float32 [N, G]: top/h, left/w, bottom/h, right/w, area/(h*w),
       log(box width / box height).
     """
     h, w = float(image_h), float(image_w)
     rows = []
-    # A handful of boxes: Python floats (IEEE doubles, as numpy's float64) cost a third of
-    # numpy's per-call overhead here; np.log keeps the logarithm numpy's.
+    # A handful of boxes: Python floats (IEEE doubles, as numpy's float64) avoid numpy's
+    # per-call overhead; np.log keeps the logarithm numpy's.
     boxes = np.asarray(boxes, np.float64).reshape(-1, schema.BOX_COORDS)
     for top, left, bottom, right in boxes.tolist():
         height = max(bottom - top, MIN_SIDE_PX)

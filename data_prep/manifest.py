@@ -8,6 +8,7 @@ a `PrepDir` what the prep made instead of reading `manifest.json` itself:
     prep.vocab_tokens()               # [V] tokens, index == id
     prep.embeddings()                 # float32 [V, W] word2vec rows, L2-normalised
     prep.embedding_dim, prep.max_boxes, prep.compression, prep.normalization_version
+    prep.verify(content=False)        # [] or one line per missing / wrong-sized file
 
 Dimension legend: V vocabulary entries, W word2vec width.
 """
@@ -17,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from data_prep import schema, text, vocab
+from data_prep import schema, shards, text, vocab
 
 
 class PrepDirError(ValueError):
@@ -79,6 +80,50 @@ class PrepDir:
         """Rows written for a split (0 if not prepared)."""
         return int((self.manifest["splits"].get(split) or {}).get("rows", 0))
 
+    def verify(self, content: bool = True) -> List[str]:
+        """Checks that the files the manifest lists are there as prep wrote them.
+
+        Reads only, writes nothing. Every shard of every split (empty ones included) must
+        exist with its recorded size; with `content`, its bytes must match the recorded
+        CRC32C (a manifest without checksums: every record's TFRecord framing CRCs). The
+        vocabulary, word2vec files and reject files the manifest names must exist.
+
+        Args:
+          content: also read every shard (slow for a large prep); False checks presence
+            and sizes only.
+        Returns:
+          One line per problem, each naming the file and what to do; [] when all is well.
+        """
+        problems = []
+        fix = f"rerun mmrecall prep with --out {self.path} (it rewrites what is wrong)"
+        for split in self.splits:
+            entry = self.manifest["splits"][split]
+            for shard in entry["shards"]:
+                path = os.path.join(self.path, shard["file"])
+                if not os.path.isfile(path):
+                    problems.append(f"{path}: missing ({split} shard listed by the "
+                                    f"manifest); {fix}")
+                    continue
+                size = os.path.getsize(path)
+                if "bytes" in shard and size != shard["bytes"]:
+                    problems.append(f"{path}: {size} bytes, the manifest recorded "
+                                    f"{shard['bytes']}; {fix}")
+                    continue
+                problem = shards.verify_content(self.path, shard) if content else None
+                if problem:
+                    problems.append(f"{problem}; {fix}")
+            if entry.get("rejects_file"):
+                problems += self._missing(entry["rejects_file"], fix)
+        for key in ("vocab", "embeddings", "word2vec_model"):
+            if self.manifest.get(key):
+                problems += self._missing(self.manifest[key], fix)
+        return problems
+
+    def _missing(self, name: str, fix: str) -> List[str]:
+        path = os.path.join(self.path, name)
+        return [] if os.path.isfile(path) else [f"{path}: missing (listed by the manifest); "
+                                                f"{fix}"]
+
     # --- vocabulary and word2vec -------------------------------------------------------------
     def vocab_tokens(self) -> List[str]:
         """The vocabulary, index == id, as the training and serving lookups use it.
@@ -128,7 +173,7 @@ def load_manifest(out_dir: str) -> dict:
         raise PrepDirError(f"{path}: schema_version {manifest.get('schema_version')}, this "
                            f"code reads {schema.SCHEMA_VERSION}; rerun mmrecall prep")
     # Lemmas made by other normalisation rules than the export's in-graph ones would skew
-    # serving from training (preps from before the key was written used version 1).
+    # serving from training. A manifest without the key was made under version 1.
     version = manifest.get("normalization_version", 1)
     if version != text.NORMALIZATION_VERSION:
         raise PrepDirError(f"{path}: queries were normalised by rules version {version}, this "

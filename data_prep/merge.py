@@ -3,7 +3,7 @@
 Each machine wrote the shards k with k % n == i and a partial manifest. Merging gathers every
 shard and its sidecars into one directory (hard links where possible, else copies), checks
 that each shard of each split is there exactly once with the same settings, and runs
-prep.finalize: the vocabulary, word2vec (trained once, on the merged corpus in shard order)
+engine.finalize: the vocabulary, word2vec (trained once, on the merged corpus in shard order)
 and the manifest come out the same as those of a one-machine run.
 """
 import argparse
@@ -15,10 +15,11 @@ import sys
 import time
 from typing import Dict, List
 
-from data_prep import prep, schema, text, write
+from data_prep import engine, prep, schema, shards, text
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `mmrecall prep-merge` argument parser."""
     p = argparse.ArgumentParser(
         prog="mmrecall prep-merge",
         description="Merge per-machine `mmrecall prep --shard-index i --num-shards n` outputs "
@@ -36,8 +37,8 @@ def _load_partials(part_dirs: List[str]) -> Dict[int, dict]:
     for directory in part_dirs:
         paths = sorted(glob.glob(os.path.join(directory, "manifest.part-*-of-*.json")))
         if not paths:
-            raise prep.PrepError(f"{directory}: no partial manifest (manifest.part-*.json); "
-                                 f"was prep run with --num-shards > 1 there?")
+            raise engine.PrepError(f"{directory}: no partial manifest (manifest.part-*.json); "
+                                   f"was prep run with --num-shards > 1 there?")
         for path in paths:
             with open(path, encoding="utf-8") as f:
                 partial = json.load(f)
@@ -45,19 +46,19 @@ def _load_partials(part_dirs: List[str]) -> Dict[int, dict]:
             index = partial["shard_index"]
             if index in partials and os.path.realpath(partials[index]["dir"]) != \
                     os.path.realpath(directory):
-                raise prep.PrepError(f"{path}: shard index {index} also in "
-                                     f"{partials[index]['path']}")
+                raise engine.PrepError(f"{path}: shard index {index} also in "
+                                       f"{partials[index]['path']}")
             partials[index] = partial
     first = next(iter(partials.values()))
     for partial in partials.values():
         for key in ("schema_version", "settings", "num_shards", "num_chunks", "sources"):
             if partial[key] != first[key]:
-                raise prep.PrepError(f"{partial['path']}: {key} {partial[key]} differs from "
-                                     f"{first['path']}: {first[key]}")
+                raise engine.PrepError(f"{partial['path']}: {key} {partial[key]} differs from "
+                                       f"{first['path']}: {first[key]}")
     missing = sorted(set(range(first["num_shards"])) - set(partials))
     if missing:
-        raise prep.PrepError(f"missing the output of machine(s) {missing} of "
-                             f"{first['num_shards']} (--shard-index values)")
+        raise engine.PrepError(f"missing the output of machine(s) {missing} of "
+                               f"{first['num_shards']} (--shard-index values)")
     return partials
 
 
@@ -66,7 +67,7 @@ def _place(src: str, dst: str) -> None:
     if os.path.exists(dst) and os.path.samefile(src, dst):
         return
     os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = write.tmp_name(dst)
+    tmp = shards.tmp_name(dst)
     try:
         os.link(src, tmp)
     except OSError:  # another filesystem, or no hard links there
@@ -78,33 +79,41 @@ def merge(out_dir: str, part_dirs: List[str]) -> dict:
     """Gathers the parts into out_dir and finalizes it; returns the manifest.
 
     Raises:
-      prep.PrepError: a machine's output or a shard is missing, or settings differ.
+      engine.PrepError: a machine's output or a shard is missing, or settings differ.
     """
     partials = _load_partials(part_dirs)
     first = partials[0]
     num_shards = first["num_shards"]
-    os.makedirs(os.path.join(out_dir, write.STATE_DIR), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, shards.STATE_DIR), exist_ok=True)
     for split, num_chunks in first["num_chunks"].items():
+        # Temporaries of an earlier merge into out_dir that was killed or failed.
+        shards.remove_stale_temporaries(out_dir, split, lambda k: True)
         for k in range(num_chunks):
             src_dir = partials[k % num_shards]["dir"]
-            sidecar = write.load_sidecar(src_dir, split, k)
-            if not write.is_complete(src_dir, sidecar):
-                raise prep.PrepError(f"{src_dir}: shard {k} of {split} is missing or "
-                                     f"incomplete; rerun that machine's prep")
+            sidecar = shards.load_sidecar(src_dir, split, k)
+            if not shards.is_complete(src_dir, sidecar):
+                raise engine.PrepError(f"{src_dir}: shard {k} of {split} is missing or "
+                                       f"incomplete; rerun that machine's prep")
+            if "crc32c" not in sidecar:
+                raise engine.PrepError(f"{src_dir}: shard {k} of {split} was written without "
+                                       f"a checksum; rerun that machine's prep (it checks the "
+                                       f"shard and records one)")
             version = sidecar["fingerprint"].get("normalization_version", 1)
             if version != text.NORMALIZATION_VERSION:
-                raise prep.PrepError(f"{src_dir}: shard {k} of {split} has queries normalised "
-                                     f"by rules version {version}, this code uses "
-                                     f"{text.NORMALIZATION_VERSION}; rerun that machine's prep")
+                raise engine.PrepError(f"{src_dir}: shard {k} of {split} has queries normalised "
+                                       f"by rules version {version}, this code uses "
+                                       f"{text.NORMALIZATION_VERSION}; rerun that machine's prep")
             # The sidecar json goes last: it is what marks the shard as complete.
             for rel in [sidecar["file"]] + sidecar["sidecars"] + \
-                       [write.state_file(split, k, "json")]:
+                       [shards.state_file(split, k, "json")]:
                 _place(os.path.join(src_dir, rel), os.path.join(out_dir, rel))
         if split == "valid":
-            _place(os.path.join(first["dir"], prep.ANSWERS_STATE),
-                   os.path.join(out_dir, prep.ANSWERS_STATE))
-    options = prep.PrepOptions(out=out_dir, progress=False, **first["settings"])
-    return prep.finalize(options, first["sources"], first["num_chunks"])
+            shards.remove_temporaries(os.path.join(out_dir, shards.STATE_DIR),
+                                      [os.path.basename(engine.ANSWERS_STATE)])
+            _place(os.path.join(first["dir"], engine.ANSWERS_STATE),
+                   os.path.join(out_dir, engine.ANSWERS_STATE))
+    options = engine.PrepOptions(out=out_dir, progress=False, **first["settings"])
+    return engine.finalize(options, first["sources"], first["num_chunks"])
 
 
 def main(argv=None) -> int:
@@ -116,7 +125,10 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         manifest = merge(args.out, args.parts)
-    except (prep.PrepError, OSError, KeyError, ValueError) as e:
+    except OSError as e:
+        print(f"mmrecall prep-merge: error: {prep.os_error_line(e, args.out)}", file=sys.stderr)
+        return 1
+    except (engine.PrepError, KeyError, ValueError) as e:
         print(f"mmrecall prep-merge: error: {e}", file=sys.stderr)
         return 1
     for split, entry in manifest["splits"].items():

@@ -1,103 +1,39 @@
-"""`mmrecall prep`: competition TSV files -> validated, sharded TFRecords, vocabulary, word2vec.
+"""`mmrecall prep`: the command line of the prep engine (data_prep/engine.py).
 
-The main process streams each TSV once, cutting it into chunks of lines (tsv.iter_chunks);
-chunk k becomes shard k, written by a worker (write.process_chunk). Workers read their
-chunk's bytes themselves, so only chunk locations travel between processes and at most
-2 x workers chunks are in flight. When every shard is done, `finalize` gathers the
-sidecars into the vocabulary, word2vec, the reject files and the manifest (written last).
+Competition TSV files -> validated, sharded TFRecords, the lemma vocabulary, word2vec
+vectors and a manifest; `--help` lists every option. With --shard-index i --num-shards n a
+machine does every n-th chunk of rows and `mmrecall prep-merge` (data_prep/merge.py)
+finishes the job. `mmrecall prep --verify DIR` checks a finished prep (every shard's size and
+checksum, the vocabulary and word2vec files) without writing anything.
 
-With --shard-index i --num-shards n a machine does only the chunks k with k % n == i and
-writes a partial manifest; `mmrecall prep-merge` then finalizes (data_prep/merge.py).
+Every failure ends as one line on stderr naming the file and what to do, exit status 1.
 """
 import argparse
-import collections
 import dataclasses
-import hashlib
-import json
-import multiprocessing
+import errno
 import os
 import sys
-import threading
 import time
-from typing import Dict, FrozenSet, List, Optional, Tuple
 
-from data_prep import schema, text, tsv, vocab, word2vec, write
-
-REJECTS_DIR = "rejects"
-ANSWERS_STATE = f"{write.STATE_DIR}/valid.answers.json"
-PARTIAL_MANIFEST = "manifest.part-{index:05d}-of-{count:05d}.json"
-_MISSING_SHOWN = 5
-_WORKER_START_TIMEOUT_S = 600
-
-
-class PrepError(Exception):
-    """A problem with the inputs or options that stops the job (message names the file)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PrepOptions:
-    """The whole configuration of a prep run, built once from the command line."""
-    out: str
-    train: Optional[str] = None
-    valid: Optional[str] = None
-    valid_answers: Optional[str] = None
-    test: Optional[str] = None
-    workers: int = 1
-    rows_per_shard: int = 2048
-    max_boxes: int = 32
-    min_count: int = 1
-    embedding_dim: int = 64
-    w2v_epochs: int = 5
-    gzip: bool = False
-    keep_leading_be: bool = False
-    shard_index: int = 0
-    num_shards: int = 1
-    progress: bool = True
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "PrepOptions":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in names})
-
-    def inputs(self) -> List[Tuple[str, str]]:
-        """[(split, TSV path)] of the splits given, in schema.SPLITS order."""
-        given = {"train": self.train, "valid": self.valid, "test": self.test}
-        return [(s, given[s]) for s in schema.SPLITS if given[s]]
-
-    def settings(self) -> dict:
-        """The options that shape the outputs (recorded in partial manifests for merge)."""
-        keys = ("rows_per_shard", "max_boxes", "min_count", "embedding_dim", "w2v_epochs",
-                "gzip", "keep_leading_be")
-        return {k: getattr(self, k) for k in keys}
-
-    def validate(self) -> None:
-        """Raises PrepError for inconsistent options or missing input files."""
-        if not self.inputs():
-            raise PrepError("nothing to do: give at least one of --train, --valid, --test")
-        if bool(self.valid) != bool(self.valid_answers):
-            raise PrepError("--valid and --valid-answers go together")
-        for name in ("workers", "rows_per_shard", "max_boxes", "min_count", "embedding_dim",
-                     "w2v_epochs", "num_shards"):
-            if getattr(self, name) < 1:
-                raise PrepError(f"--{name.replace('_', '-')} must be >= 1, got "
-                                f"{getattr(self, name)}")
-        if not 0 <= self.shard_index < self.num_shards:
-            raise PrepError(f"--shard-index must be in 0..{self.num_shards - 1}, got "
-                            f"{self.shard_index}")
-        for path in [p for _, p in self.inputs()] + [self.valid_answers]:
-            if path and not os.path.isfile(path):
-                raise PrepError(f"{path}: no such file")
+from data_prep import engine, schema, tsv
+from data_prep.manifest import PrepDir, PrepDirError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `mmrecall prep` argument parser; its destinations are PrepOptions field names."""
     p = argparse.ArgumentParser(
         prog="mmrecall prep",
         description="Validate competition TSV files and write sharded TFRecords "
                     "(DIR/<split>/part-NNNNN.tfrecord), the lemma vocabulary (DIR/vocab.tsv), "
                     "word2vec vectors (DIR/word2vec.npy) and DIR/manifest.json. Bad rows are "
                     "counted and kept in DIR/rejects/<split>.tsv. A rerun resumes: finished "
-                    "shards are verified and skipped.")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+                    "shards whose input is unchanged and whose bytes match the checksum "
+                    "recorded when they were written are kept, the others rewritten.")
+    p.add_argument("--out", metavar="DIR", help="output directory (required unless --verify)")
+    p.add_argument("--verify", metavar="DIR",
+                   help="only check the finished prep in DIR: every shard the manifest lists "
+                        "(size and checksum) and the vocabulary/word2vec files; writes "
+                        "nothing, prints one line per problem, exits 1 on any")
     p.add_argument("--train", metavar="TSV", help="train.tsv (positive pairs, label 1)")
     p.add_argument("--valid", metavar="TSV", help="valid.tsv (needs --valid-answers)")
     p.add_argument("--valid-answers", metavar="JSON",
@@ -111,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep at most this many boxes per product, the largest (default 32)")
     p.add_argument("--min-count", type=int, default=1,
                    help="vocabulary and word2vec keep lemmas seen this often (default 1)")
-    p.add_argument("--embedding-dim", type=int, default=64, help="word2vec width E")
+    p.add_argument("--embedding-dim", type=int, default=64, help="word2vec width W")
     p.add_argument("--w2v-epochs", type=int, default=5, help="word2vec training epochs")
     p.add_argument("--gzip", action="store_true", help="GZIP-compressed .tfrecord.gz shards")
     p.add_argument("--keep-leading-be", action="store_true",
@@ -125,392 +61,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------------------------------
-# Answers.
-def load_answers(path: str) -> Dict[int, FrozenSet[int]]:
-    """Reads valid_answer.json.
-
-    Returns:
-      query_id -> frozenset of answer product ids.
-    Raises:
-      PrepError: naming the file (and query) for unreadable JSON or ids that are not
-        integers.
-    """
-    def as_id(value) -> int:
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            return value
-        if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
-        raise ValueError(f"{value!r} is not a non-negative integer id")
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            obj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PrepError(f"{path}: cannot read the answers file: {e}") from None
-    if not isinstance(obj, dict) or not obj:
-        raise PrepError(f"{path}: expected a non-empty JSON object "
-                        f'{{"query_id": [product_id, ...]}}, got {type(obj).__name__}')
-    answers = {}
-    for key, ids in obj.items():
-        try:
-            qid = as_id(key)
-            if not isinstance(ids, list):
-                raise ValueError(f"expected a list of product ids, got {type(ids).__name__}")
-            answers[qid] = frozenset(as_id(x) for x in ids)
-        except ValueError as e:
-            raise PrepError(f"{path}: query {key!r}: {e}") from None
-    return answers
-
-
-def _canonical_answers(answers: Dict[int, FrozenSet[int]]) -> bytes:
-    return json.dumps({str(q): sorted(p) for q, p in sorted(answers.items())}).encode("utf-8")
-
-
-def _read_answers_state(out_dir: str) -> Dict[int, FrozenSet[int]]:
-    with open(os.path.join(out_dir, ANSWERS_STATE), encoding="utf-8") as f:
-        return {int(q): frozenset(p) for q, p in json.load(f).items()}
-
-
-# ---------------------------------------------------------------------------------------
-# Output helpers used by the input_fn.
-def load_manifest(out_dir: str) -> dict:
-    """Reads DIR/manifest.json of a finished prep (see the module docstring for its keys).
-
-    Raises:
-      FileNotFoundError / ValueError: no manifest (prep unfinished), another schema or other
-        query normalisation rules than text.NORMALIZATION_VERSION.
-    """
-    path = os.path.join(out_dir, schema.MANIFEST_FILE)
-    with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("schema_version") != schema.SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {manifest.get('schema_version')}, this code "
-                         f"reads {schema.SCHEMA_VERSION}; rerun mmrecall prep")
-    # Lemmas made by other normalisation rules than the export's in-graph ones would skew
-    # serving from training (preps from before the key was written used version 1).
-    version = manifest.get("normalization_version", 1)
-    if version != text.NORMALIZATION_VERSION:
-        raise ValueError(f"{path}: queries were normalised by rules version {version}, this "
-                         f"code (and its export) uses version {text.NORMALIZATION_VERSION}; "
-                         f"rerun mmrecall prep with the same --out (it rewrites the shards)")
-    return manifest
-
-
-def split_files(out_dir: str, split: str) -> List[str]:
-    """Absolute paths of a split's shards in shard order (empty shards left out).
-
-    Raises:
-      KeyError: the split was not prepared.
-    """
-    manifest = load_manifest(out_dir)
-    if split not in manifest["splits"]:
-        raise KeyError(f"{out_dir}: split {split!r} not prepared; have "
-                       f"{sorted(manifest['splits'])}")
-    return [os.path.join(out_dir, s["file"]) for s in manifest["splits"][split]["shards"]
-            if s["rows"]]
-
-
-def _write_json_atomic(path: str, obj: dict) -> None:
-    write.write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode("utf-8"))
-
-
-# ---------------------------------------------------------------------------------------
-# Running the shards.
-class _Runner:
-    """Runs chunk tasks in the main process (1 worker) or a spawn pool, results in order."""
-
-    def __init__(self, config: write.ShardConfig, workers: int):
-        self.config, self.workers, self.pool = config, workers, None
-        if workers == 1:
-            write.warm_up()
-            return
-        # spawn, not fork: the parent may already hold TensorFlow's threads and locks.
-        ctx = multiprocessing.get_context("spawn")
-        barrier = ctx.Barrier(workers + 1)
-        self.pool = ctx.Pool(workers, initializer=write.init_worker,
-                             initargs=(config, barrier))
-        try:  # until every worker has loaded the lemmatizer (workers never load TensorFlow)
-            barrier.wait(timeout=_WORKER_START_TIMEOUT_S)
-        except threading.BrokenBarrierError:
-            self.pool.terminate()
-            raise PrepError(f"{workers} worker processes did not start within "
-                            f"{_WORKER_START_TIMEOUT_S} s") from None
-
-    def run(self, tasks, on_result) -> None:
-        """Calls on_result(sidecar) for each task, in task order."""
-        if self.pool is None:
-            for task in tasks:
-                on_result(write.process_chunk_timed(task, self.config))
-            return
-        pending = collections.deque()
-        for task in tasks:
-            pending.append(self.pool.apply_async(write.process_chunk_in_worker, (task,)))
-            if len(pending) >= 2 * self.workers:
-                on_result(pending.popleft().get())
-        while pending:
-            on_result(pending.popleft().get())
-
-    def close(self) -> None:
-        if self.pool is not None:
-            # Every task has returned (or failed) by now: nothing is lost by terminating,
-            # which is quicker than a clean exit.
-            self.pool.terminate()
-            self.pool.join()
-
-
-def _run_split(runner: _Runner, options: PrepOptions, split: str, source: str) -> dict:
-    """Writes this machine's shards of one split; returns {"num_chunks", counters}."""
-    from tqdm import tqdm
-
-    def owns(index: int) -> bool:
-        return index % options.num_shards == options.shard_index
-
-    write.remove_stale_temporaries(options.out, split, owns)
-    os.makedirs(os.path.join(options.out, split), exist_ok=True)
-    counts = collections.Counter()
-    num_chunks = 0
-    bar = tqdm(desc=f"prep {split}", unit=" rows", disable=not options.progress, file=sys.stderr)
-
-    def tasks():
-        nonlocal num_chunks
-        for chunk in tsv.iter_chunks(source, options.rows_per_shard,
-                                     group_by_query=split != "train"):
-            num_chunks = chunk.index + 1
-            if owns(chunk.index):
-                yield write.ChunkTask(split, source, chunk)
-
-    def on_result(sidecar: dict) -> None:
-        counts["skipped" if sidecar["skipped"] else "written"] += 1
-        counts["rows"] += sidecar["rows"]
-        counts["rejected"] += sidecar["rejected"]
-        counts["cpu_s"] += sidecar["cpu_s"]
-        bar.update(sidecar["rows"] + sidecar["rejected"])
-        bar.set_postfix(rejected=counts["rejected"], refresh=False)
-
-    try:
-        runner.run(tasks(), on_result)
-    finally:
-        bar.close()
-    return {"num_chunks": num_chunks, **counts}
-
-
-# ---------------------------------------------------------------------------------------
-# Finalizing: sidecars -> rejects files, vocabulary, word2vec, manifest.
-def _load_split_sidecars(out_dir: str, split: str, num_chunks: int) -> List[dict]:
-    sidecars = []
-    for k in range(num_chunks):
-        sidecar = write.load_sidecar(out_dir, split, k)
-        if not write.is_complete(out_dir, sidecar):
-            raise PrepError(f"{out_dir}: shard {k} of {split} is missing or incomplete; "
-                            f"rerun prep (or prep-merge with every machine's output)")
-        sidecars.append(sidecar)
-    return sidecars
-
-
-def _concat_rejects(out_dir: str, split: str, sidecars: List[dict]) -> str:
-    rel = f"{REJECTS_DIR}/{split}.tsv"
-    os.makedirs(os.path.join(out_dir, REJECTS_DIR), exist_ok=True)
-    path = os.path.join(out_dir, rel)
-    tmp = write.tmp_name(path)
-    with open(tmp, "wb") as out:
-        out.write(write.REJECTS_HEADER)
-        for s in sidecars:
-            with open(os.path.join(out_dir, s["sidecars"][0]), "rb") as f:
-                while block := f.read(1 << 20):
-                    out.write(block)
-    os.replace(tmp, path)
-    return rel
-
-
-def _split_entry(out_dir: str, split: str, source: str, sidecars: List[dict]) -> dict:
-    reasons = collections.Counter()
-    for s in sidecars:
-        reasons.update(s["reject_reasons"])
-    entry = {
-        "source": source,
-        "shards": [{"file": s["file"], "rows": s["rows"]} for s in sidecars],
-        "rows": sum(s["rows"] for s in sidecars),
-        "rejected": sum(s["rejected"] for s in sidecars),
-        "reject_reasons": dict(sorted(reasons.items())),
-        "capped": sum(s["capped"] for s in sidecars),
-        "rejects_file": _concat_rejects(out_dir, split, sidecars),
-    }
-    if split != "train":
-        # A query never spans two shards, so per-shard query counts add up.
-        entry["queries"] = sum(len(s["queries"]) for s in sidecars)
-    if split == "valid":
-        entry.update(_answer_coverage(out_dir, sidecars))
-    return entry
-
-
-def _answer_coverage(out_dir: str, sidecars: List[dict]) -> dict:
-    answers = _read_answers_state(out_dir)
-    found = {(q, p) for s in sidecars for q, p in s["positives"]}
-    queries = {q for s in sidecars for q in s["queries"]}
-    missing = sorted((q, p) for q, ps in answers.items() for p in ps if (q, p) not in found)
-    absent = sorted(q for q in answers if q not in queries)
-    missing_file = f"{REJECTS_DIR}/valid_missing_answers.tsv"
-    write.write_atomic(os.path.join(out_dir, missing_file), (
-        "query_id\tproduct_id\n" + "".join(f"{q}\t{p}\n" for q, p in missing)).encode("utf-8"))
-    if missing:
-        shown = ", ".join(f"{q}:{p}" for q, p in missing[:_MISSING_SHOWN])
-        print(f"warning: {len(missing)} answers (query:product) of the answers file are not "
-              f"among the kept valid rows, e.g. {shown}; {len(absent)} answered queries have "
-              f"no kept row at all", file=sys.stderr)
-    return {
-        "positives": len(found),
-        "answers": sum(len(ps) for ps in answers.values()),
-        "answers_missing": len(missing),
-        "answers_missing_file": missing_file,
-        "answered_queries_missing": len(absent),
-        "queries_without_answers": len(queries - set(answers)),
-    }
-
-
-def finalize(options: PrepOptions, sources: Dict[str, str], num_chunks: Dict[str, int]) -> dict:
-    """Builds the reject files, vocabulary, word2vec and manifest from the shards' sidecars.
-
-    Args:
-      options: the prep options (settings() must match those the shards were made with).
-      sources: split -> TSV path, for the manifest.
-      num_chunks: split -> number of shards, all of which must be complete in options.out.
-    Returns:
-      The manifest, also written (last, atomically) to DIR/manifest.json.
-    """
-    out = options.out
-    manifest = {
-        "schema_version": schema.SCHEMA_VERSION,
-        "normalization_version": text.NORMALIZATION_VERSION,
-        "compression": "GZIP" if options.gzip else "",
-        "max_boxes": options.max_boxes,
-        "drop_leading_be": not options.keep_leading_be,
-        "rows_per_shard": options.rows_per_shard,
-        "min_count": options.min_count,
-        "vocab": None, "embeddings": None, "word2vec_model": None,
-        "embedding_dim": options.embedding_dim, "vocab_size": 0, "w2v_epochs": options.w2v_epochs,
-        "w2v_missing": 0,
-        "splits": {},
-    }
-    all_sidecars = {}
-    for split in schema.SPLITS:
-        if split in num_chunks:
-            all_sidecars[split] = _load_split_sidecars(out, split, num_chunks[split])
-            manifest["splits"][split] = _split_entry(out, split, sources[split],
-                                                     all_sidecars[split])
-    if "train" in all_sidecars:
-        counts = collections.Counter()
-        for s in all_sidecars["train"]:
-            counts.update(s["lemma_counts"])
-        entries = vocab.build_vocab(counts, options.min_count)
-        vocab.save_vocab(entries, os.path.join(out, schema.VOCAB_FILE))
-        corpus = [os.path.join(out, s["sidecars"][1]) for s in all_sidecars["train"]]
-        model = word2vec.train(corpus, options.embedding_dim, options.min_count,
-                               options.w2v_epochs)
-        matrix, missing = word2vec.aligned_vectors(model, [t for t, _ in entries],
-                                                   options.embedding_dim)
-        if missing:
-            print(f"warning: word2vec has no vector for {len(missing)} vocabulary lemmas "
-                  f"(e.g. {missing[:_MISSING_SHOWN]}); they get random unit vectors",
-                  file=sys.stderr)
-        word2vec.save(out, model, matrix, schema.EMBEDDINGS_FILE)
-        manifest.update(vocab=schema.VOCAB_FILE, embeddings=schema.EMBEDDINGS_FILE,
-                        word2vec_model=word2vec.MODEL_FILE if model is not None else None,
-                        vocab_size=len(entries), w2v_missing=len(missing))
-    else:
-        print("warning: no --train split: no vocab.tsv / word2vec.npy written",
-              file=sys.stderr)
-    _write_json_atomic(os.path.join(out, schema.MANIFEST_FILE), manifest)
-    return manifest
-
-
-def partial_manifest_name(shard_index: int, num_shards: int) -> str:
-    return PARTIAL_MANIFEST.format(index=shard_index, count=num_shards)
-
-
-def run(options: PrepOptions) -> dict:
-    """Runs prep.
-
-    Returns:
-      {"manifest": the manifest (None for a partial run), "splits": per-split counters,
-       "seconds": wall "startup" (workers warm), "shards" (until the last shard is done),
-       "finalize" (stopping workers, vocabulary, word2vec, manifest); CPU "shards_main_cpu"
-       (main process while shards were written) and "shards_chunk_cpu" (all workers,
-       chunks only)}.
-
-    Raises:
-      PrepError, tsv.TsvFormatError: bad options or inputs (messages name the file).
-    """
-    options.validate()
-    for _, path in options.inputs():  # fail on a bad header before any work
-        with open(path, "rb") as f:
-            tsv.check_header(path, f.readline() or None)
-    answers, answers_sha = {}, ""
-    os.makedirs(os.path.join(options.out, write.STATE_DIR), exist_ok=True)
-    # A manifest says "this directory is complete": withdraw it while shards may change.
-    manifest_path = os.path.join(options.out, schema.MANIFEST_FILE if options.num_shards == 1
-                                 else partial_manifest_name(options.shard_index,
-                                                            options.num_shards))
-    if os.path.exists(manifest_path):
-        os.remove(manifest_path)
-    if options.valid:
-        answers = load_answers(options.valid_answers)
-        canonical = _canonical_answers(answers)
-        answers_sha = hashlib.sha256(canonical).hexdigest()
-        write.write_atomic(os.path.join(options.out, ANSWERS_STATE), canonical)
-    config = write.ShardConfig(out_dir=options.out, max_boxes=options.max_boxes,
-                               drop_leading_be=not options.keep_leading_be, gzip=options.gzip,
-                               answers=answers, answers_sha256=answers_sha)
-    t0 = time.perf_counter()
-    runner = _Runner(config, options.workers)
-    t1, cpu1 = time.perf_counter(), time.process_time()
-    try:
-        stats = {split: _run_split(runner, options, split, os.path.abspath(path))
-                 for split, path in options.inputs()}
-        t2, cpu2 = time.perf_counter(), time.process_time()  # the last shard is done
-    finally:
-        runner.close()
-    sources = {split: os.path.abspath(path) for split, path in options.inputs()}
-    chunks = {split: s["num_chunks"] for split, s in stats.items()}
-    if options.num_shards > 1:
-        manifest = None
-        _write_json_atomic(
-            os.path.join(options.out, partial_manifest_name(options.shard_index,
-                                                            options.num_shards)),
-            {"schema_version": schema.SCHEMA_VERSION, "settings": options.settings(),
-             "shard_index": options.shard_index, "num_shards": options.num_shards,
-             "sources": sources, "num_chunks": chunks})
-    else:
-        manifest = finalize(options, sources, chunks)
-    t3 = time.perf_counter()
-    return {"manifest": manifest, "splits": stats,
-            "seconds": {"startup": t1 - t0, "shards": t2 - t1, "finalize": t3 - t2,
-                        "shards_main_cpu": cpu2 - cpu1,
-                        "shards_chunk_cpu": sum(s.get("cpu_s", 0.0) for s in stats.values())}}
+def options_from_args(args: argparse.Namespace) -> engine.PrepOptions:
+    """The engine's options from parsed command-line arguments (unknown names ignored)."""
+    names = {f.name for f in dataclasses.fields(engine.PrepOptions)}
+    return engine.PrepOptions(**{k: v for k, v in vars(args).items() if k in names})
 
 
 def _print_first_rejects(source: str, rejects_path: str) -> None:
+    """Prints the first rejected lines of a split as `source:line: field: reason: detail`."""
     with open(rejects_path, "rb") as f:
         f.readline()  # header
-        for _, line in zip(range(_MISSING_SHOWN), f):
+        for _, line in zip(range(engine.EXAMPLES_SHOWN), f):
             line_no, field, reason, detail, _ = line.decode("utf-8", "replace").split("\t", 4)
             print(f"  {source}:{line_no}: {field}: {reason}: {detail}")
 
 
 def print_summary(result: dict, out_dir: str, seconds: float) -> None:
-    """Prints one line per split: rows kept, rejected by reason, capped, shards."""
+    """Prints one line per split: rows kept, rejected by reason, capped, duplicates, shards;
+    and one line per finished shard that was rewritten because its check failed."""
     manifest = result["manifest"]
     for split, s in result["splits"].items():
         line = (f"{split}: {s.get('rows', 0)} rows kept, {s.get('rejected', 0)} rejected, "
                 f"{s.get('written', 0)} shards written, {s.get('skipped', 0)} reused")
+        if s.get("rewritten"):
+            line += f", {s['rewritten']} rewritten (failed their check)"
         if manifest:
             m = manifest["splits"][split]
             if m["reject_reasons"]:
                 line += " (" + ", ".join(f"{r}: {n}" for r, n in m["reject_reasons"].items()) + ")"
             line += f"; {m['capped']} products capped at {manifest['max_boxes']} boxes"
+            if m.get("duplicates"):
+                line += (f"; {m['duplicates']} duplicate product rows within candidate lists "
+                         f"(kept)")
             if m["rejected"]:
                 line += f"; rejects in {os.path.join(out_dir, m['rejects_file'])}"
         print(line)
+        for why in s.get("rewritten_why", ()):
+            print(f"  rewritten: {why}")
         if manifest and manifest["splits"][split]["rejected"]:
             _print_first_rejects(manifest["splits"][split]["source"],
                                  os.path.join(out_dir, manifest["splits"][split]["rejects_file"]))
@@ -525,18 +112,60 @@ def print_summary(result: dict, out_dir: str, seconds: float) -> None:
         print(f"partial output written; finish with `mmrecall prep-merge --out {out_dir} ...`")
 
 
+def os_error_line(error: OSError, default_path: str) -> str:
+    """One line for a failed file operation: the path, the system's reason, what to do.
+
+    Args:
+      error: the OSError (its filename names the file when the system gave one).
+      default_path: the path to name when it did not (e.g. the output directory).
+    """
+    path = error.filename or default_path
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        advice = "free space on that disk (or choose another --out) and rerun: it resumes"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        advice = "make it writable or choose another --out, then rerun"
+    else:
+        advice = "fix it and rerun: it resumes"
+    return f"{path}: {reason}; {advice}"
+
+
+def verify(directory: str) -> int:
+    """`mmrecall prep --verify DIR`: prints one line per problem; the exit status."""
+    try:
+        problems = PrepDir(directory).verify(content=True)
+    except PrepDirError as e:
+        problems = [str(e)]
+    except OSError as e:
+        problems = [os_error_line(e, directory)]
+    for problem in problems:
+        print(f"mmrecall prep --verify: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{directory}: every shard, checksum and vocabulary/word2vec file checks out")
+    return 0
+
+
 def main(argv=None) -> int:
     """`mmrecall prep` entry point; returns the exit status."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
+        if args.verify is None and args.out is None:
+            parser.error("the following arguments are required: --out (or --verify DIR)")
     except SystemExit as e:  # --help or a usage error (already printed)
         return int(e.code or 0)
-    options = PrepOptions.from_args(args)
+    if args.verify is not None:
+        return verify(args.verify)
+    options = options_from_args(args)
     start = time.perf_counter()
     try:
-        result = run(options)
-    except (PrepError, tsv.TsvFormatError) as e:
+        result = engine.run(options)
+    except (engine.PrepError, tsv.TsvFormatError) as e:
         print(f"mmrecall prep: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, read-only --out, ...; raised in a worker or here
+        print(f"mmrecall prep: error: {os_error_line(e, options.out)}", file=sys.stderr)
         return 1
     print_summary(result, options.out, time.perf_counter() - start)
     return 0

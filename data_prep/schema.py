@@ -3,8 +3,10 @@
 The TSV writer/reader, the TFRecord writer, the input_fn and the serving code all import
 their names, dtypes and shapes from here, so they cannot drift apart.
 
-Dimension legend used across the project:
-  B batch, T query tokens, N boxes, F region-feature width (2048), G geometry width (6).
+Dimension legend, one meaning per letter across the project:
+  B batch, T query tokens, N boxes, F region-feature width (2048), G geometry width (6),
+  W word2vec width, D model width, E pooled width, K negatives, V vocabulary entries,
+  Q queries, C candidates per query, P (query, product) pairs.
 """
 from typing import Dict, Optional, Sequence
 
@@ -21,9 +23,9 @@ TSV_COLUMNS = (
 FEATURE_DIM = 2048          # F: width of one region feature vector
 BOX_COORDS = 4              # top, left, bottom, right in pixels
 NUM_CLASSES = 33            # ids 0..32 of multimodal_labels.txt
-TSV_BOXES_DTYPE = np.dtype("<f4")     # [num_boxes, 4]
-TSV_FEATURES_DTYPE = np.dtype("<f4")  # [num_boxes, 2048]
-TSV_LABELS_DTYPE = np.dtype("<i8")    # [num_boxes]
+TSV_BOXES_DTYPE = np.dtype("<f4")     # [N, 4]
+TSV_FEATURES_DTYPE = np.dtype("<f4")  # [N, F]
+TSV_LABELS_DTYPE = np.dtype("<i8")    # [N]
 NDCG_K = 5                  # the metric's cutoff (NDCG@5) and the products per submission row
 SUBMISSION_HEADER = ("query-id",) + tuple(f"product{i}" for i in range(1, NDCG_K + 1))
 
@@ -40,7 +42,7 @@ GEOMETRY_FIELDS = (
 GEOMETRY_DIM = len(GEOMETRY_FIELDS)   # G
 
 # ---------------------------------------------------------------------------------------
-# Stored TFRecord features (tf.train.Example), written by data_prep.write.
+# Stored TFRecord features (tf.train.Example), written by data_prep.worker.
 PRODUCT_ID = "product_id"        # int64 scalar
 QUERY_ID = "query_id"            # int64 scalar
 IMAGE_H = "image_h"              # int64 scalar, pixels
@@ -171,5 +173,5 @@ UNK_TOKEN = "[UNK]"
 # Files inside a `mmrecall prep` output directory.
 MANIFEST_FILE = "manifest.json"
 VOCAB_FILE = "vocab.tsv"              # token<TAB>count per line; line i is id i
-EMBEDDINGS_FILE = "word2vec.npy"      # float32 [V, E], rows aligned with vocab.tsv, L2-normalised
+EMBEDDINGS_FILE = "word2vec.npy"      # float32 [V, W], rows aligned with vocab.tsv, L2-normalised
 SPLITS = ("train", "valid", "test")

@@ -5,11 +5,9 @@
 pure function of its counts.
 """
 import collections
-import os
-import tempfile
 from typing import Dict, Iterable, List, Sequence, Tuple
 
-from data_prep import schema
+from data_prep import schema, shards
 
 
 def count_lemmas(queries: Iterable[Sequence[str]]) -> collections.Counter:
@@ -39,15 +37,12 @@ def build_vocab(counts: Dict[str, int], min_count: int = 1,
 
 
 def save_vocab(entries: Sequence[Tuple[str, int]], path: str) -> None:
-    """Writes `token<TAB>count` lines atomically (temporary file, then rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".vocab-", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for token, count in entries:
-            if "\t" in token or "\n" in token:
-                raise ValueError(f"token {token!r} contains a tab or newline")
-            f.write(f"{token}\t{count}\n")
-    os.replace(tmp, path)
+    """Writes `token<TAB>count` lines atomically (shards.write_atomic: temporary, rename)."""
+    for token, _ in entries:
+        if "\t" in token or "\n" in token:
+            raise ValueError(f"token {token!r} contains a tab or newline")
+    shards.write_atomic(path, "".join(f"{token}\t{count}\n"
+                                      for token, count in entries).encode("utf-8"))
 
 
 def load_vocab(path: str) -> List[Tuple[str, int]]:

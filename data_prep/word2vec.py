@@ -3,6 +3,8 @@
 The corpus is streamed from the per-shard `lemmas.txt` sidecars (one query per line), so it
 is never held in memory and is the same whichever machine wrote which shard. Training is
 deterministic: a fixed seed and one gensim worker thread.
+
+Dimension legend: V vocabulary entries, W word2vec width.
 """
 import io
 import os
@@ -10,7 +12,7 @@ from typing import Iterator, List, Sequence, Tuple
 
 import numpy as np
 
-from data_prep import schema, write
+from data_prep import schema, shards
 
 MODEL_FILE = "word2vec.model"
 SEED = 2020
@@ -37,7 +39,7 @@ def train(corpus_paths: Sequence[str], embedding_dim: int, min_count: int, epoch
 
     Args:
       corpus_paths: lemma files, one query per line, in shard order.
-      embedding_dim: E, vector width.
+      embedding_dim: W, the vector width.
       min_count: ignore lemmas seen fewer times (as vocab.build_vocab does).
       epochs: training passes over the corpus.
     Returns:
@@ -62,9 +64,9 @@ def aligned_vectors(model, tokens: Sequence[str], embedding_dim: int) -> Tuple[n
     Args:
       model: a trained gensim Word2Vec, or None.
       tokens: the vocabulary, index == id ([PAD], [UNK] first).
-      embedding_dim: E.
+      embedding_dim: W.
     Returns:
-      (float32 [V, E] with zero [PAD] and [UNK] rows, the vocabulary tokens word2vec had no
+      (float32 [V, W] with zero [PAD] and [UNK] rows, the vocabulary tokens word2vec had no
       vector for; those rows are small random unit vectors, seeded so reruns agree).
     """
     out = np.zeros((len(tokens), embedding_dim), np.float32)
@@ -87,6 +89,6 @@ def save(out_dir: str, model, matrix: np.ndarray, embeddings_file: str) -> None:
     """Writes the matrix as `embeddings_file` (atomically) and the gensim model beside it."""
     buffer = io.BytesIO()
     np.save(buffer, matrix.astype(np.float32))
-    write.write_atomic(os.path.join(out_dir, embeddings_file), buffer.getvalue())
+    shards.write_atomic(os.path.join(out_dir, embeddings_file), buffer.getvalue())
     if model is not None:
         model.save(os.path.join(out_dir, MODEL_FILE))

@@ -7,7 +7,7 @@ the command line with `--set key=value` (values parsed as JSON, falling back to 
 Precedence in `mmrecall train`: defaults < an existing `MODEL_DIR/config.json` (resume) <
 `--config file.json` < `--set key=value`.
 
-GPU switches (not measurable on this CPU-only machine):
+GPU switches:
   mixed_precision: every layer gets the Keras "mixed_float16" policy (float16 compute,
     float32 variables, softmaxes and losses in float32) and the optimiser is wrapped in
     dynamic loss scaling (tf.compat.v1 MixedPrecisionLossScaleOptimizer). Variable names
@@ -16,13 +16,15 @@ GPU switches (not measurable on this CPU-only machine):
     global_jit_level ON_1). The model has no string ops or host round-trips, and the
     input_fn (strings, table lookups) runs in tf.data outside the clustered graph.
 
-Dimension legend: B batch, T query tokens, N boxes, D model width, E pooled embedding width,
-K negatives per positive.
+Dimension legend: B batch, T query tokens, N boxes, W word2vec width, D model width,
+E pooled embedding width, K negatives per positive.
 """
 import dataclasses
 import json
 import os
 from typing import Any, Dict, Iterable, List, Optional
+
+from estimator import losses, negatives
 
 CONFIG_FILE = "config.json"
 
@@ -32,7 +34,8 @@ class Config:
     # --- inputs -------------------------------------------------------------------------
     data_dir: str = ""                 # a `mmrecall prep` output directory
     max_query_tokens: int = 16         # T cap: tokens beyond are dropped
-    max_boxes: int = 0                 # N cap; 0 = the data's own cap (manifest max_boxes)
+    # N cap, the largest boxes by area; 0 = the prep's own cap (filled by resolve_config)
+    max_boxes: int = 0
     batch_size: int = 64               # training positives per batch
     eval_queries_per_batch: int = 4    # EVAL/PREDICT batches hold whole queries only
     shuffle_buffer: int = 4096
@@ -58,33 +61,41 @@ class Config:
     geometry_hidden_size: int = 32     # hidden width of the geometry MLP
     matcher_hidden_size: int = 64      # hidden width of the final scoring MLP
     dropout: float = 0.1
-    word_embedding_size: int = 0       # 0 = the data's word2vec width (manifest embedding_dim)
+    # How a tower turns its states [B, L, D] into the pooled embedding before the pooled
+    # projection: "attention" (learned attention weights) or "mean" (masked mean).
+    pooling: str = "attention"
+    # Input of the region-feature DNN: "log1p" (log1p of the non-negative features, which
+    # tames their long tail) or "raw" (the features as given).
+    region_features: str = "log1p"
+    # W; 0 = the prep's word2vec width (filled by estimator.train.resolve_config)
+    word_embedding_size: int = 0
     trainable_embeddings: bool = True  # False freezes the word2vec-initialised embedding
 
     # --- matching score -------------------------------------------------------------------
     # "cross": cross-attention logit; "tower": cosine/temperature of pooled embeddings;
-    # "sum": cross + tower_score_weight * tower.
+    # "sum": cross + tower_score_weight * tower. With "tower" and no loss on the cross logits
+    # (losses.CROSS_LOSSES) the model is towers only: no matcher variables, no pairs (uses_matcher).
     serving_score: str = "sum"
     tower_score_weight: float = 1.0
 
     # --- negatives and losses ---------------------------------------------------------------
     sampler: str = "hard"              # a key of estimator.negatives.SAMPLERS
     num_negatives: int = 4             # K in-batch negatives per positive
-    # Keys of losses.LOSSES: "log_loss" (binary, on the cross logits: the seed design),
-    # "softmax" (the towers' in-batch softmax), "cross_softmax" (listwise: each positive's
-    # cross logit against its negatives'; adding it or swapping it for log_loss measured
-    # no better, bench/quality.py).
+    # Keys of losses.LOSSES: "log_loss" (binary, on the cross logits), "softmax" (the
+    # towers' in-batch softmax), "cross_softmax" (listwise: each positive's cross logit
+    # against its negatives'), "focal" (binary focal loss on the cross logits).
     loss_weights: Dict[str, float] = dataclasses.field(
         default_factory=lambda: {"log_loss": 1.0, "softmax": 1.0})
     temperature: float = 0.1           # in-batch softmax temperature (cosine logits / T)
+    focal_gamma: float = 2.0           # focusing exponent of the "focal" loss (0 = log_loss)
     # Scale of the gradient that flows from the matcher (cross logits) back into the tower
     # states: 1 = fully joint, 0 = towers trained by the tower losses only and the matcher
-    # learns on top of them (forward pass unchanged). 0.2 measured best (bench/quality.py).
+    # learns on top of them (forward pass unchanged).
     cross_to_tower_gradient: float = 0.2
 
     # --- optimiser ----------------------------------------------------------------------------
     optimizer: str = "adamw"           # "adamw" or "adam"
-    learning_rate: float = 1e-3        # peak; 3e-3 measured 0.43-0.50 NDCG@5, 1e-3 0.63
+    learning_rate: float = 1e-3        # peak, reached after warmup_steps
     warmup_steps: int = 100
     decay: str = "cosine"              # "cosine", "linear" or "constant" after warmup
     min_learning_rate_ratio: float = 0.05
@@ -124,7 +135,15 @@ class Config:
     distribute_devices: List[str] = dataclasses.field(default_factory=list)
 
     # ------------------------------------------------------------------------------------
+    @property
+    def uses_matcher(self) -> bool:
+        """False for a towers-only model: the tower score is served and no weighted loss
+        reads the cross logits, so the CAMP matcher would be neither trained nor used."""
+        cross_losses = {n for n, w in self.loss_weights.items() if w > 0} & losses.CROSS_LOSSES
+        return self.serving_score != "tower" or bool(cross_losses)
+
     def to_json(self) -> str:
+        """The config as indented JSON with sorted keys (what config.json holds)."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
     @classmethod
@@ -142,6 +161,7 @@ class Config:
 
     @classmethod
     def from_json(cls, text: str, base: Optional["Config"] = None) -> "Config":
+        """from_dict of a JSON object."""
         return cls.from_dict(json.loads(text), base)
 
     def save(self, model_dir: str) -> str:
@@ -163,24 +183,11 @@ class Config:
             return cls.from_json(f.read(), base)
 
     def with_overrides(self, assignments: Iterable[str]) -> "Config":
-        """Applies `key=value` strings; values are JSON (`lr=3e-4`, `loss_weights={"softmax":1}`)
-        or, when not valid JSON, plain strings (`sampler=hard`)."""
-        values = {}
-        for item in assignments:
-            if "=" not in item:
-                raise ValueError(f"--set expects key=value, got {item!r}")
-            key, raw = item.split("=", 1)
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-            values[key.strip()] = value
-        return Config.from_dict(values, self)
+        """Applies `key=value` strings (parse_assignments); unknown keys raise."""
+        return Config.from_dict(parse_assignments(assignments), self)
 
     def validate(self) -> None:
         """Raises ValueError on inconsistent settings (called by every constructor path)."""
-        from estimator import losses, negatives  # registries; imported lazily to stay light
-
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by "
                              f"num_heads {self.num_heads}")
@@ -194,6 +201,12 @@ class Config:
             raise ValueError(f"unknown losses {sorted(unknown)}; known {sorted(losses.LOSSES)}")
         if not any(w > 0 for w in self.loss_weights.values()):
             raise ValueError("at least one loss weight must be > 0")
+        if self.pooling not in ("attention", "mean"):
+            raise ValueError(f"pooling must be attention or mean: {self.pooling!r}")
+        if self.region_features not in ("log1p", "raw"):
+            raise ValueError(f"region_features must be log1p or raw: {self.region_features!r}")
+        if self.focal_gamma < 0:
+            raise ValueError("focal_gamma must be >= 0")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"optimizer must be adam or adamw: {self.optimizer!r}")
         if self.decay not in ("cosine", "linear", "constant"):
@@ -213,3 +226,23 @@ class Config:
                              f"{self.distribute_devices!r}")
         if self.distribute_devices and not self.distribute:
             raise ValueError("distribute_devices needs distribute=mirrored")
+
+
+def parse_assignments(assignments: Iterable[str]) -> Dict[str, Any]:
+    """{key: value} of `key=value` strings; values are JSON (`lr=3e-4`,
+    `loss_weights={"softmax":1}`) or, when not valid JSON, plain strings (`sampler=hard`).
+
+    Raises:
+      ValueError: an item without "=".
+    """
+    values = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        values[key.strip()] = value
+    return values

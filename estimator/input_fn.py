@@ -1,9 +1,9 @@
 """tf.data input pipelines over `mmrecall prep` TFRecord shards.
 
-TRAIN: shuffled file list -> repeat -> parallel interleaved reads -> shuffle buffer ->
+TRAIN: shuffled file list -> parallel interleaved reads -> repeat -> shuffle buffer ->
 (optionally) runs of `train_group_size` rows sharing the query's last lemma, regrouped within
-windows of `group_window` rows -> batch (drop
-remainder) -> parse the whole batch at once in parallel -> prefetch.
+windows of `group_window` rows -> batch (drop remainder) -> parse the whole batch at once in
+parallel -> prefetch.
 
 EVAL / PREDICT: each file is read in order (rows of one query are contiguous and never split
 across shards) and cut into whole queries with a `scan`; files are still read in parallel
@@ -13,72 +13,37 @@ batch, so every batch holds all candidates of its queries and ranking metrics ar
 Parsing (`parse_batch`) is shared by both: `tf.io.parse_example` with the schema spec,
 lemmas truncated to `max_query_tokens` and mapped to ids with the same in-graph table the
 export uses (`data_prep.vocab.lookup_table`), region features decoded with
-`tf.io.decode_raw` padded to the batch's largest box count (capped at `max_boxes`), tokens
-likewise padded to the batch's longest query. Counts go in F_NUM_TOKENS / F_NUM_BOXES.
+`tf.io.decode_raw`. Box cap: a product with more than `max_boxes` boxes keeps its
+`max_boxes` largest by pixel area, in their original order (ties keep the earlier box), the
+rule of prep's own cap and of the serving graph (data_prep.geometry.largest_box_indices).
+Boxes are padded to the batch's largest kept count, tokens to the batch's longest query.
+Counts go in F_NUM_TOKENS / F_NUM_BOXES.
 
-Dimension legend: B batch, T tokens (<= max_query_tokens), N boxes (<= max_boxes),
-F 2048, G 6.
+The vocabulary, the compression and the shard list come from a data_prep.manifest.PrepDir;
+the caps from a Config resolved against it (estimator.train.resolve_config).
+
+Dimension legend: B batch, T tokens (<= max_query_tokens), N boxes kept (<= max_boxes),
+M boxes of the records (prep's, before the max_boxes cap), F 2048, G 6.
 """
 import glob
-import os
 from typing import List, Sequence, Union
 
 import tensorflow as tf
 
-from data_prep import prep, schema, vocab
+from data_prep import schema, vocab
+from data_prep.manifest import PrepDir
 
 TRAIN = tf.estimator.ModeKeys.TRAIN
 EVAL = tf.estimator.ModeKeys.EVAL
 PREDICT = tf.estimator.ModeKeys.PREDICT
 
 
-# ---------------------------------------------------------------------------------------
-# Manifest helpers.
-def load_manifest(data_dir: str) -> dict:
-    """The prep manifest (data_prep.prep.load_manifest: checks the schema and query
-    normalisation versions)."""
-    return prep.load_manifest(data_dir)
-
-
-def split_files(data_dir: str, split: str) -> List[str]:
-    """Absolute paths of a split's non-empty shards, in manifest order (empty if absent)."""
-    try:
-        return prep.split_files(data_dir, split)
-    except KeyError:
-        return []
-
-
-def split_rows(data_dir: str, split: str) -> int:
-    info = load_manifest(data_dir).get("splits", {}).get(split) or {}
-    return int(info.get("rows", 0))
-
-
-def compression_type(data_dir: str) -> str:
-    return load_manifest(data_dir).get("compression", "") or ""
-
-
-def vocab_tokens(data_dir: str) -> List[str]:
-    """The prep's vocabulary, index == id (the training and serving lookups use it).
-
-    Raises:
-      ValueError: the prep had no train split, so it built no vocabulary.
-    """
-    manifest = load_manifest(data_dir)
-    name = manifest.get("vocab", schema.VOCAB_FILE)
-    if not name:
-        raise ValueError(f"{data_dir}: the prep built no vocabulary (it had no --train); "
-                         f"rerun mmrecall prep with the train split")
-    return [t for t, _ in vocab.load_vocab(os.path.join(data_dir, name))]
-
-
-def _resolve_files(pattern_or_files: Union[str, Sequence[str]]) -> List[str]:
-    if isinstance(pattern_or_files, str):
-        files = sorted(glob.glob(pattern_or_files))
-    else:
-        files = list(pattern_or_files)
-    if not files:
-        raise ValueError(f"no input files match {pattern_or_files!r}")
-    return files
+def _resolve_files(files: Union[str, Sequence[str]]) -> List[str]:
+    """A list of paths from a list (kept in order) or a glob pattern (sorted matches)."""
+    resolved = sorted(glob.glob(files)) if isinstance(files, str) else list(files)
+    if not resolved:
+        raise ValueError(f"no input files match {files!r}")
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------
@@ -87,13 +52,40 @@ def _dims(*sizes):
     return tf.stack([tf.cast(s, tf.int64) for s in sizes])
 
 
+def largest_boxes(boxes, num_boxes, max_boxes):
+    """Which boxes the cap keeps: each row's `max_boxes` largest by pixel area, in order.
+
+    The in-graph twin of data_prep.geometry.largest_box_indices (area in float64, ties keep
+    the earlier box).
+
+    Args:
+      boxes: float32 [B, M, 4] pixel top, left, bottom, right (rows padded to M boxes).
+      num_boxes: int32 [B] real boxes per row (<= M).
+      max_boxes: python int, the cap.
+    Returns:
+      (index int32 [B, N] increasing indices into each row's boxes, 0 past the row's kept
+      count; kept int32 [B] = min(num_boxes, max_boxes)), N = max(max(kept), 1).
+    """
+    b64 = tf.cast(boxes, tf.float64)
+    area = (b64[:, :, 2] - b64[:, :, 0]) * (b64[:, :, 3] - b64[:, :, 1])    # [B, M]
+    real = tf.sequence_mask(num_boxes, tf.shape(boxes)[1])                  # [B, M]
+    area = tf.where(real, area, tf.fill(tf.shape(area), tf.constant(-float("inf"), tf.float64)))
+    by_area = tf.argsort(-area, axis=1, stable=True)                        # [B, M]
+    kept = tf.minimum(num_boxes, max_boxes)                                 # [B]
+    n = tf.maximum(tf.reduce_max(kept), 1)
+    kept_mask = tf.sequence_mask(kept, n)                                   # [B, N]
+    m = tf.shape(boxes)[1]
+    index = tf.sort(tf.where(kept_mask, by_area[:, :n], m), axis=1)         # kept first
+    return tf.where(kept_mask, index, 0), kept
+
+
 def parse_batch(serialized, table, max_query_tokens: int, max_boxes: int, with_labels=True):
     """Parses a batch of serialized tf.Examples into model features (and labels).
 
     Args:
       serialized: string [B].
       table: token -> id lookup table (vocab.lookup_table).
-      max_query_tokens: T cap; max_boxes: N cap.
+      max_query_tokens: T cap; max_boxes: N cap (the largest boxes by area are kept).
     Returns:
       features dict (schema.F_* keys), and if with_labels float32 labels [B].
     """
@@ -105,17 +97,29 @@ def parse_batch(serialized, table, max_query_tokens: int, max_boxes: int, with_l
     t = tf.maximum(tf.reduce_max(num_tokens), 1)
     token_ids = ids.to_tensor(default_value=schema.PAD_ID, shape=_dims(-1, t))   # [B, T]
 
-    # Boxes: the cap, then pad to the batch's largest count (at least 1).
-    num_boxes = tf.minimum(tf.cast(p[schema.NUM_BOXES], tf.int32), max_boxes)  # [B]
-    n = tf.maximum(tf.reduce_max(num_boxes), 1)
-    # decode_raw zero-pads / truncates each row to n boxes: padding needs no ragged detour.
+    # Boxes: all of prep's (M per row at most), then the cap keeps the largest N.
+    all_boxes = tf.cast(p[schema.NUM_BOXES], tf.int32)                       # [B]
+    m = tf.maximum(tf.reduce_max(all_boxes), 1)
+    # decode_raw zero-pads each row to m boxes: padding needs no ragged detour.
     feats = tf.io.decode_raw(p[schema.BOX_FEATURES], tf.float32, little_endian=True,
-                             fixed_length=n * schema.FEATURE_DIM * 4)         # [B, n*F]
-    box_features = tf.reshape(feats, [-1, n, schema.FEATURE_DIM])           # [B, N, F]
-    geometry = p[schema.BOX_GEOMETRY].to_tensor(shape=_dims(-1, n * schema.GEOMETRY_DIM))
-    box_geometry = tf.reshape(geometry, [-1, n, schema.GEOMETRY_DIM])       # [B, N, G]
-    box_labels = tf.cast(p[schema.BOX_LABELS].to_tensor(shape=_dims(-1, n)), tf.int32)  # [B, N]
-    # Zero everything past each row's (capped) count, so truncated boxes leave no trace.
+                             fixed_length=m * schema.FEATURE_DIM * 4)         # [B, M*F]
+    box_features = tf.reshape(feats, [-1, m, schema.FEATURE_DIM])           # [B, M, F]
+    geometry = p[schema.BOX_GEOMETRY].to_tensor(shape=_dims(-1, m * schema.GEOMETRY_DIM))
+    box_geometry = tf.reshape(geometry, [-1, m, schema.GEOMETRY_DIM])       # [B, M, G]
+    box_labels = tf.cast(p[schema.BOX_LABELS].to_tensor(shape=_dims(-1, m)), tf.int32)  # [B, M]
+    pixel_boxes = tf.reshape(p[schema.BOXES].to_tensor(shape=_dims(-1, m * schema.BOX_COORDS)),
+                             [-1, m, schema.BOX_COORDS])                     # [B, M, 4]
+    index, num_boxes = largest_boxes(pixel_boxes, all_boxes, max_boxes)      # [B, N], [B]
+    n = tf.shape(index)[1]
+
+    def capped(x):
+        return tf.gather(x, index, batch_dims=1)
+
+    # Without a capped row (N == M) every row keeps its boxes in order: skip the gathers.
+    box_features, box_geometry, box_labels = tf.cond(
+        tf.equal(n, m), lambda: (box_features, box_geometry, box_labels),
+        lambda: (capped(box_features), capped(box_geometry), capped(box_labels)))
+    # Zero everything past each row's (capped) count, so dropped boxes leave no trace.
     box_mask = tf.sequence_mask(num_boxes, n)                                # [B, N]
     box_features *= tf.cast(box_mask, tf.float32)[:, :, tf.newaxis]
     box_geometry *= tf.cast(box_mask, tf.float32)[:, :, tf.newaxis]
@@ -210,17 +214,16 @@ def group_by_last_lemma(records: tf.data.Dataset, group_size: int, window: int,
     return records.batch(window).flat_map(regroup)
 
 
-def input_fn_builder(cfg, pattern_or_files, mode, data_dir=None, compression=None,
-                     num_epochs=None):
+def input_fn_builder(cfg, files, mode, prep: PrepDir, compression=None, num_epochs=None):
     """Returns an Estimator input_fn over TFRecord shards.
 
     Args:
-      cfg: estimator.config.Config (batch sizes, caps, parallelism, seed).
-      pattern_or_files: a glob pattern or a list of TFRecord paths.
+      cfg: a resolved estimator.config.Config (batch sizes, caps, parallelism, seed;
+        max_boxes > 0, see estimator.train.resolve_config).
+      files: a list of TFRecord paths (e.g. prep.split_files("train")) or a glob pattern.
       mode: a tf.estimator.ModeKeys value.
-      data_dir: the prep directory holding manifest.json and vocab.tsv (default
-        cfg.data_dir); gives the vocabulary, compression and box cap.
-      compression: "GZIP" or "" (default: the manifest's).
+      prep: the prep the files belong to; gives the vocabulary and the compression.
+      compression: "GZIP" or "" (default: the prep's).
       num_epochs: TRAIN repeats forever by default; EVAL/PREDICT read once.
     Returns:
       input_fn(params=None, config=None, input_context=None) -> tf.data.Dataset yielding
@@ -229,14 +232,17 @@ def input_fn_builder(cfg, pattern_or_files, mode, data_dir=None, compression=Non
       worker index under a TF_CONFIG cluster (with fewer files than workers, by record
       position within each file), so no example is read twice per epoch; each worker
       shuffles with its own seed.
+    Raises:
+      ValueError: no files, or cfg.max_boxes is 0 (an unresolved config).
     """
-    data_dir = data_dir or cfg.data_dir
-    files = _resolve_files(pattern_or_files)
-    manifest = load_manifest(data_dir)
+    files = _resolve_files(files)
     if compression is None:
-        compression = manifest.get("compression", "") or ""
-    max_boxes = cfg.max_boxes or int(manifest.get("max_boxes", 0)) or 64
-    tokens = vocab_tokens(data_dir)
+        compression = prep.compression
+    if cfg.max_boxes < 1:
+        raise ValueError("cfg.max_boxes is 0: resolve the config against its prep directory "
+                         "first (estimator.train.resolve_config)")
+    max_boxes = cfg.max_boxes
+    tokens = prep.vocab_tokens()
     parallel = tf.data.AUTOTUNE if cfg.num_parallel_calls < 0 else cfg.num_parallel_calls
     prefetch = tf.data.AUTOTUNE if cfg.prefetch_batches < 0 else cfg.prefetch_batches
 
@@ -265,13 +271,14 @@ def input_fn_builder(cfg, pattern_or_files, mode, data_dir=None, compression=Non
 
         if mode == TRAIN:
             ds = ds.shuffle(len(own_files), seed=seed, reshuffle_each_iteration=True)
-            ds = ds.repeat(num_epochs)
-            # No more parallel reads than this reader's files: more would read one file's
-            # next epoch beside its current one.
             ds = ds.interleave(read, cycle_length=max(1, min(cfg.num_parallel_reads,
                                                              len(own_files))),
                                block_length=16, num_parallel_calls=parallel,
                                deterministic=cfg.deterministic)
+            # Repeat whole interleaved passes: interleaving an endless file list lets a
+            # non-deterministic parallel interleave open a file's next epoch beside its
+            # current one, so rows of one epoch would come out twice before others once.
+            ds = ds.repeat(num_epochs)
             ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
             if cfg.train_group_size > 1:
                 batches_per_window = max(1, -(-cfg.group_window // cfg.batch_size))

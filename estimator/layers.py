@@ -1,8 +1,8 @@
 """Attention building blocks: masked attention, transformer encoder block, CAMP
 cross-attention, gated fusion and attention pooling.
 
-Dimension legend: B batch, T query positions (queries of attention), S key/value positions,
-H heads, D width, D/H head width.
+Dimension legend: B batch, L positions that attend (tokens T or boxes N), S key/value
+positions, H heads, D model width, D/H head width.
 
 Masks are float {0, 1} tensors (1 = real position). Every block multiplies attention
 probabilities by the key mask after the softmax and renormalises, so a row whose keys are
@@ -11,12 +11,15 @@ therefore never change the outputs at real positions. Softmaxes run in float32 s
 blocks also work under a mixed_float16 policy.
 
 The `call` methods of this package have no data-dependent Python control flow, so they are
-marked `do_not_convert`: AutoGraph conversion of every layer call made building the
+marked `do_not_convert`: AutoGraph conversion of every layer call would make building the
 Estimator graph several seconds slower for nothing.
 """
+import dataclasses
 import math
 
 import tensorflow as tf
+
+from estimator.config import Config
 
 _NEG = -1e9
 
@@ -40,31 +43,69 @@ def attention_entropy(probs, query_mask):
     """Mean entropy (nats) of attention rows at real query positions.
 
     Args:
-      probs: float [B, H, T, S] attention probabilities.
-      query_mask: float [B, T].
+      probs: float [B, H, L, S] attention probabilities.
+      query_mask: float [B, L].
     Returns:
       float32 [B]: per-example mean over heads and real query positions.
     """
-    ent = -tf.reduce_sum(probs * tf.math.log(probs + 1e-9), axis=-1)     # [B, H, T]
-    ent = tf.reduce_mean(ent, axis=1)                                      # [B, T]
+    ent = -tf.reduce_sum(probs * tf.math.log(probs + 1e-9), axis=-1)     # [B, H, L]
+    ent = tf.reduce_mean(ent, axis=1)                                      # [B, L]
     query_mask = tf.cast(query_mask, tf.float32)
     return tf.reduce_sum(ent * query_mask, -1) / tf.maximum(tf.reduce_sum(query_mask, -1), 1.0)
 
 
-class MultiHeadAttention(tf.keras.layers.Layer):
-    """Scaled dot-product multi-head attention with a key mask.
+def masked_mean(x, mask):
+    """Mean over the real positions.
 
-    call(query [B, T, D], value [B, S, Dv], key_mask [B, S]) -> (output [B, T, D],
-    probs [B, H, T, S]).
+    Args:
+      x: float [B, L, D].
+      mask: float or bool [B, L], 1 at real positions.
+    Returns:
+      [B, D] in x's dtype; zeros for a row without real positions.
     """
+    mask = tf.cast(mask, x.dtype)[:, :, tf.newaxis]                          # [B, L, 1]
+    count = tf.maximum(tf.reduce_sum(mask, 1), tf.cast(1.0, x.dtype))       # [B, 1]
+    return tf.reduce_sum(x * mask, 1) / count                                # [B, D]
+
+
+class _SizedLayer(tf.keras.layers.Layer):
+    """Base of this module's layers: get_config returns the attributes named in _SIZES."""
+
+    _SIZES = ()
+
+    def get_config(self):
+        return dict(super().get_config(), **{name: getattr(self, name) for name in self._SIZES})
+
+
+class _AttentionSized(_SizedLayer):
+    """Base of the attention layers: sized by width D, heads H and dropout."""
+
+    _SIZES = ("hidden_size", "num_heads", "dropout")
 
     def __init__(self, hidden_size, num_heads, dropout=0.0, **kwargs):
         super().__init__(**kwargs)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} % num_heads {num_heads} != 0")
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
+        self.hidden_size, self.num_heads, self.dropout = hidden_size, num_heads, dropout
+
+
+class _FeedForwardSized(_SizedLayer):
+    """Base of the feed-forward layers: sized by width D, inner width and dropout."""
+
+    _SIZES = ("hidden_size", "intermediate_size", "dropout")
+
+    def __init__(self, hidden_size, intermediate_size, dropout=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.dropout = dropout
+
+
+class MultiHeadAttention(_AttentionSized):
+    """Scaled dot-product multi-head attention with a key mask.
+
+    call(query [B, L, D], value [B, S, Dv], key_mask [B, S]) -> (output [B, L, D],
+    probs [B, H, L, S]).
+    """
 
     def build(self, input_shape):
         d = self.hidden_size
@@ -86,31 +127,21 @@ class MultiHeadAttention(tf.keras.layers.Layer):
     def call(self, query, value, key_mask, training=None):
         # Keras autocasts only the first argument under a mixed policy.
         value = tf.cast(value, self.compute_dtype)
-        q = self._split_heads(self.query_dense(query))                       # [B, H, T, D/H]
+        q = self._split_heads(self.query_dense(query))                       # [B, H, L, D/H]
         k = self._split_heads(self.key_dense(value))                         # [B, H, S, D/H]
         v = self._split_heads(self.value_dense(value))                       # [B, H, S, D/H]
-        logits = tf.matmul(q, k, transpose_b=True)                           # [B, H, T, S]
+        logits = tf.matmul(q, k, transpose_b=True)                           # [B, H, L, S]
         logits *= 1.0 / math.sqrt(self.hidden_size // self.num_heads)
-        probs = masked_softmax(logits, key_mask[:, tf.newaxis, tf.newaxis, :])  # [B, H, T, S]
+        probs = masked_softmax(logits, key_mask[:, tf.newaxis, tf.newaxis, :])  # [B, H, L, S]
         dropped = self.prob_dropout(probs, training=training)
-        ctx = tf.matmul(tf.cast(dropped, v.dtype), v)                        # [B, H, T, D/H]
-        ctx = tf.transpose(ctx, [0, 2, 1, 3])                                # [B, T, H, D/H]
+        ctx = tf.matmul(tf.cast(dropped, v.dtype), v)                        # [B, H, L, D/H]
+        ctx = tf.transpose(ctx, [0, 2, 1, 3])                                # [B, L, H, D/H]
         ctx = tf.reshape(ctx, [tf.shape(ctx)[0], tf.shape(ctx)[1], self.hidden_size])
-        return self.output_dense(ctx), probs                                 # [B, T, D]
-
-    def get_config(self):
-        return dict(super().get_config(), hidden_size=self.hidden_size,
-                    num_heads=self.num_heads, dropout=self.dropout)
+        return self.output_dense(ctx), probs                                 # [B, L, D]
 
 
-class FeedForward(tf.keras.layers.Layer):
+class FeedForward(_FeedForwardSized):
     """Dense(intermediate, gelu) -> Dense(hidden) with dropout: [B, L, D] -> [B, L, D]."""
-
-    def __init__(self, hidden_size, intermediate_size, dropout=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.dropout = dropout
 
     def build(self, input_shape):
         self.inner = tf.keras.layers.Dense(self.intermediate_size, activation="gelu",
@@ -124,23 +155,18 @@ class FeedForward(tf.keras.layers.Layer):
     def call(self, x, training=None):
         return self.drop(self.outer(self.inner(x)), training=training)
 
-    def get_config(self):
-        return dict(super().get_config(), hidden_size=self.hidden_size,
-                    intermediate_size=self.intermediate_size, dropout=self.dropout)
 
-
-class TransformerEncoderBlock(tf.keras.layers.Layer):
+class TransformerEncoderBlock(_AttentionSized):
     """Post-LN transformer encoder block (BERT layout) with a padding mask.
 
     call(x [B, L, D], mask [B, L]) -> (y [B, L, D], probs [B, H, L, L]).
     """
 
+    _SIZES = _AttentionSized._SIZES + ("intermediate_size",)
+
     def __init__(self, hidden_size, num_heads, intermediate_size, dropout=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
+        super().__init__(hidden_size, num_heads, dropout, **kwargs)
         self.intermediate_size = intermediate_size
-        self.dropout = dropout
 
     def build(self, input_shape):
         self.attention = MultiHeadAttention(self.hidden_size, self.num_heads, self.dropout,
@@ -162,25 +188,14 @@ class TransformerEncoderBlock(tf.keras.layers.Layer):
         x = self.ffn_norm(x + self.ffn(x, training=training))                # [B, L, D]
         return x, probs
 
-    def get_config(self):
-        return dict(super().get_config(), hidden_size=self.hidden_size,
-                    num_heads=self.num_heads, intermediate_size=self.intermediate_size,
-                    dropout=self.dropout)
 
-
-class CrossAttention(tf.keras.layers.Layer):
+class CrossAttention(_AttentionSized):
     """One direction of CAMP cross-attention: each position of `x` attends to `context`.
 
-    call(x [B, T, D], context [B, S, D], context_mask [B, S]) -> (attended [B, T, D],
-    probs [B, H, T, S]). `attended` is what x "sees" of the other modality; the gated
+    call(x [B, L, D], context [B, S, D], context_mask [B, S]) -> (attended [B, L, D],
+    probs [B, H, L, S]). `attended` is what x "sees" of the other modality; the gated
     fusion decides how much of it to let in.
     """
-
-    def __init__(self, hidden_size, num_heads, dropout=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.dropout = dropout
 
     def build(self, input_shape):
         self.attention = MultiHeadAttention(self.hidden_size, self.num_heads, self.dropout,
@@ -193,12 +208,8 @@ class CrossAttention(tf.keras.layers.Layer):
         attended, probs = self.attention(x, context, context_mask, training=training)
         return self.drop(attended, training=training), probs
 
-    def get_config(self):
-        return dict(super().get_config(), hidden_size=self.hidden_size,
-                    num_heads=self.num_heads, dropout=self.dropout)
 
-
-class GatedFusion(tf.keras.layers.Layer):
+class GatedFusion(_FeedForwardSized):
     """CAMP adaptive gating: fuse x with what it attended to in the other modality.
 
     gate = sigmoid(W [x; a; x*a] + b)       # [B, L, D], per position and channel
@@ -209,12 +220,6 @@ class GatedFusion(tf.keras.layers.Layer):
 
     call(x [B, L, D], attended [B, L, D]) -> (y [B, L, D], gate [B, L, D]).
     """
-
-    def __init__(self, hidden_size, intermediate_size, dropout=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.dropout = dropout
 
     def build(self, input_shape):
         self.gate_dense = tf.keras.layers.Dense(self.hidden_size, name="gate",
@@ -232,16 +237,14 @@ class GatedFusion(tf.keras.layers.Layer):
         y = self.norm(x + gate * self.message(attended, training=training))  # [B, L, D]
         return y, gate
 
-    def get_config(self):
-        return dict(super().get_config(), hidden_size=self.hidden_size,
-                    intermediate_size=self.intermediate_size, dropout=self.dropout)
 
-
-class AttentionPooling(tf.keras.layers.Layer):
+class AttentionPooling(_SizedLayer):
     """Masked attention pooling: score_l = w^T tanh(W x_l); y = sum_l softmax(score)_l x_l.
 
     call(x [B, L, D], mask [B, L]) -> y [B, D] (zeros for a row without real positions).
     """
+
+    _SIZES = ("hidden_size",)
 
     def __init__(self, hidden_size, **kwargs):
         super().__init__(**kwargs)
@@ -261,8 +264,26 @@ class AttentionPooling(tf.keras.layers.Layer):
         weights = masked_softmax(logits, mask)                               # [B, L]
         return tf.einsum("bl,bld->bd", tf.cast(weights, x.dtype), x)        # [B, D]
 
+
+class ConfigLayer(tf.keras.layers.Layer):
+    """Base of the layers sized by the whole Config (the towers and the matcher).
+
+    `self.cfg` is the estimator.config.Config; get_config/from_config round-trip it as a
+    plain dict.
+    """
+
+    def __init__(self, cfg: Config, **kwargs):
+        super().__init__(**kwargs)
+        self.cfg = cfg
+
     def get_config(self):
-        return dict(super().get_config(), hidden_size=self.hidden_size)
+        return dict(super().get_config(), cfg=dataclasses.asdict(self.cfg))
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["cfg"] = Config.from_dict(config["cfg"])
+        return cls(**config)
 
 
 def sequence_mask(lengths, maxlen):

@@ -21,7 +21,8 @@ LossInputs = collections.namedtuple("LossInputs", [
     "temperature",    # python float
     "pair_groups",    # int32 [P] the list a pair is ranked in: its positive's row (training)
                       # or its query (eval); None where no loss needs it
-], defaults=(None,))
+    "focal_gamma",    # python float, the focal loss's focusing exponent
+], defaults=(None, 2.0))
 
 
 def log_loss(x: LossInputs):
@@ -29,6 +30,17 @@ def log_loss(x: LossInputs):
     ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=x.pair_labels, logits=x.pair_logits)
     w = x.pair_weights
     return tf.reduce_sum(ce * w) / tf.maximum(tf.reduce_sum(w), 1.0)
+
+
+def focal(x: LossInputs):
+    """Binary focal loss on the cross logits (Lin et al. 2017, without class weighting):
+    (1 - p_t)^gamma * CE, where p_t is the probability given to the pair's true label, so
+    pairs the matcher already gets right weigh less; weighted mean over valid pairs.
+    gamma = 0 is log_loss."""
+    ce = tf.nn.sigmoid_cross_entropy_with_logits(labels=x.pair_labels, logits=x.pair_logits)
+    p_t = tf.exp(-ce)                                                           # [P]
+    w = x.pair_weights * tf.pow(1.0 - p_t, x.focal_gamma)
+    return tf.reduce_sum(ce * w) / tf.maximum(tf.reduce_sum(x.pair_weights), 1.0)
 
 
 def in_batch_softmax(x: LossInputs):
@@ -84,7 +96,11 @@ LOSSES: Dict[str, Callable[[LossInputs], tf.Tensor]] = {
     "log_loss": log_loss,
     "softmax": in_batch_softmax,
     "cross_softmax": cross_softmax,
+    "focal": focal,
 }
+# The losses that read LossInputs.pair_logits (the matcher's): without one of them and with
+# the tower score served, the model needs no matcher (Config.uses_matcher).
+CROSS_LOSSES = frozenset({"log_loss", "cross_softmax", "focal"})
 
 
 def weighted_losses(weights: Dict[str, float], inputs: LossInputs):

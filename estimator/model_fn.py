@@ -4,101 +4,27 @@ TRAIN: encode each row's query and product once; pick K negatives per positive a
   batch's other products (sampler from the config, on the towers' pooled embeddings, no
   gradient through the choice); score all B * (1 + K) pairings in one batched matcher call;
   weighted losses (sigmoid CE on the cross logits, in-batch softmax on the pooled
-  embeddings); warmup + decay learning rate, Adam/AdamW, global-norm clipping.
+  embeddings); the optimiser step of estimator.optimization.
 EVAL: the batch's own rows are the pairs (whole queries per batch, data labels 1/0); loss,
   NDCG@5 (organiser's definition), AUC, and the same losses as in training.
+Towers only (Config.uses_matcher False: tower score served, no loss on cross logits): TRAIN
+  samples no negatives and builds no pairs; EVAL reports no cross metrics.
 PREDICT: row-aligned scores (a row's score depends on that row only) plus the pooled
-  embeddings of both towers and the id passthroughs. `labels` may be None.
+  embeddings of both towers and the id passthroughs, under the estimator.outputs keys.
+  `labels` may be None.
 
-Dimension legend: B batch rows, K negatives, P = B * (1 + K) scored pairs, E pooled width.
+Dimension legend: B batch rows, T tokens, N boxes, D model width, E pooled width,
+K negatives, P = B * (1 + K) scored pairs, V vocabulary, W word2vec width.
 """
-import math
-
 import numpy as np
 import tensorflow as tf
 
 from data_prep import schema
-from estimator import losses, metrics, negatives, network
+from estimator import losses, metrics, negatives, network, optimization, outputs
 
 TRAIN = tf.estimator.ModeKeys.TRAIN
 EVAL = tf.estimator.ModeKeys.EVAL
 PREDICT = tf.estimator.ModeKeys.PREDICT
-
-# Prediction keys (the export engineer's serving signature may reuse them).
-P_SCORE = "score"
-P_CROSS = "cross_logit"
-P_TOWER = "tower_score"
-P_QUERY_EMB = "query_embedding"
-P_PRODUCT_EMB = "product_embedding"
-
-
-def learning_rate_schedule(cfg, global_step):
-    """Linear warmup to cfg.learning_rate over warmup_steps, then cosine/linear/constant decay
-    to min_learning_rate_ratio * peak at train_steps."""
-    step = tf.cast(global_step, tf.float32)
-    peak = cfg.learning_rate
-    warm = float(max(cfg.warmup_steps, 0))
-    warmup = tf.minimum(1.0, (step + 1.0) / max(warm, 1.0)) if warm > 0 else 1.0
-    span = float(max(cfg.train_steps - cfg.warmup_steps, 1))
-    progress = tf.clip_by_value((step - warm) / span, 0.0, 1.0)
-    floor = cfg.min_learning_rate_ratio
-    if cfg.decay == "cosine":
-        decay = floor + (1.0 - floor) * 0.5 * (1.0 + tf.cos(math.pi * progress))
-    elif cfg.decay == "linear":
-        decay = 1.0 - (1.0 - floor) * progress
-    else:
-        decay = 1.0
-    return peak * warmup * decay
-
-
-def _decay_variables(variables):
-    """Variables that get weight decay: kernels, not biases, LayerNorm or the word embedding
-    (a dense decay of the large, sparsely updated table would cost more than its gradient)."""
-    skip = ("/bias", "/beta", "/gamma", "/word_embedding/")
-    return [v for v in variables if not any(s in v.name for s in skip)]
-
-
-def _replica_context():
-    """(replica context, replicas in sync); (None, 1) outside a distribution strategy."""
-    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
-        return None, 1
-    ctx = tf.distribute.get_replica_context()
-    return ctx, ctx.num_replicas_in_sync
-
-
-def _train_op(cfg, loss, global_step):
-    lr = learning_rate_schedule(cfg, global_step)
-    tf.compat.v1.summary.scalar("learning_rate", lr)
-    opt = tf.compat.v1.train.AdamOptimizer(lr, beta1=0.9, beta2=0.999, epsilon=1e-6)
-    if cfg.mixed_precision:
-        opt = tf.compat.v1.train.experimental.MixedPrecisionLossScaleOptimizer(opt, "dynamic")
-    variables = tf.compat.v1.trainable_variables()
-    grads_and_vars = [(g, v) for g, v in opt.compute_gradients(loss, variables)
-                      if g is not None]
-    grads, tvars = zip(*grads_and_vars)
-    if cfg.clip_norm > 0:
-        use_norm = None
-        replica_ctx, replicas = _replica_context()
-        if replicas > 1:
-            # Under a strategy (Config.distribute) each replica holds its share of the
-            # gradient (the v1 optimiser scaled the loss by 1/replicas) and apply_gradients
-            # sums the shares: clip on the norm of that sum, as one device would.
-            use_norm = tf.linalg.global_norm(
-                replica_ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads)))
-        grads, norm = tf.clip_by_global_norm(grads, cfg.clip_norm, use_norm=use_norm)
-        tf.compat.v1.summary.scalar("gradient_norm", norm)
-    if cfg.optimizer == "adamw" and cfg.weight_decay > 0:
-        # Decoupled weight decay (Loshchilov & Hutter): p -= lr * wd * p, applied after the
-        # gradients are computed and before the Adam step, independent of the moments.
-        with tf.control_dependencies(list(grads)):
-            decay = tf.group(*[v.assign_sub(lr * cfg.weight_decay * v)
-                               for v in _decay_variables(tvars)])
-        with tf.control_dependencies([decay]):
-            update = opt.apply_gradients(zip(grads, tvars), global_step=global_step)
-    else:
-        update = opt.apply_gradients(zip(grads, tvars), global_step=global_step)
-    update_ops = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.UPDATE_OPS)
-    return tf.group(update, *update_ops)
 
 
 def _scale_gradient(x, scale):
@@ -112,8 +38,9 @@ def _summaries(ranker, pair_out, parts, total):
     tf.compat.v1.summary.scalar("loss/total", total)
     for name, value in parts.items():
         tf.compat.v1.summary.scalar(f"loss/{name}", value)
-    for key in ("text_gate", "box_gate", "word_to_region_entropy", "region_to_word_entropy"):
-        tf.compat.v1.summary.scalar(f"matcher/{key}", tf.reduce_mean(pair_out[key]))
+    for key in network.MATCHER_DIAGNOSTICS:
+        if key in pair_out:  # absent for a towers-only model
+            tf.compat.v1.summary.scalar(f"matcher/{key}", tf.reduce_mean(pair_out[key]))
     for key, value in ranker.last_diagnostics.items():
         tf.compat.v1.summary.scalar(f"towers/{key}", tf.reduce_mean(value))
 
@@ -122,20 +49,19 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
     """Returns model_fn(features, labels, mode, params) for tf.estimator.Estimator.
 
     Args:
-      cfg: estimator.config.Config.
-      vocab_size: rows of the word embedding.
+      cfg: a resolved estimator.config.Config (word_embedding_size = W > 0).
+      vocab_size: V, rows of the word embedding.
       embeddings: optional float32 [V, W] word2vec vectors; loaded into the embedding
         variable by the Scaffold's init_fn when training starts from scratch (kept out of
         the graph so checkpoints' meta graphs stay small).
+    Raises:
+      ValueError: embeddings of another shape than [V, W].
     """
     if embeddings is not None:
         embeddings = np.asarray(embeddings, np.float32)
-        if embeddings.shape[0] != vocab_size:
-            raise ValueError(f"embeddings rows {embeddings.shape[0]} != vocab {vocab_size}")
-        if cfg.word_embedding_size and cfg.word_embedding_size != embeddings.shape[1]:
-            raise ValueError(f"word_embedding_size {cfg.word_embedding_size} != "
-                             f"embeddings width {embeddings.shape[1]}")
-        cfg = type(cfg).from_dict({"word_embedding_size": int(embeddings.shape[1])}, cfg)
+        if embeddings.shape != (vocab_size, cfg.word_embedding_size):
+            raise ValueError(f"embeddings {embeddings.shape} != (vocab_size {vocab_size}, "
+                             f"word_embedding_size {cfg.word_embedding_size})")
 
     def model_fn(features, labels, mode, params=None):
         del params
@@ -157,9 +83,10 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
             out = ranker.score_pairs(q_states, num_tokens, q_pooled, p_states, num_boxes,
                                      p_pooled, training=False)
             predictions = {
-                P_SCORE: out["score"], P_CROSS: out["cross_logit"],
-                P_TOWER: out["tower_score"], P_QUERY_EMB: q_pooled,
-                P_PRODUCT_EMB: p_pooled,
+                outputs.SCORE: out[outputs.SCORE],
+                outputs.CROSS_LOGIT: out[outputs.CROSS_LOGIT],
+                outputs.TOWER_SCORE: out[outputs.TOWER_SCORE],
+                outputs.QUERY_EMBEDDING: q_pooled, outputs.PRODUCT_EMBEDDING: p_pooled,
             }
             for key in (schema.F_PRODUCT_ID, schema.F_QUERY_ID):
                 if key in features:
@@ -171,7 +98,13 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
 
         query_key = features[schema.F_QUERY_KEY]
         product_id = features[schema.F_PRODUCT_ID]
-        if mode == TRAIN:
+        with_matcher = ranker.matcher is not None
+        if mode == TRAIN and not with_matcher:
+            # Towers only: the tower losses need the [B, E] embeddings alone, so no negatives
+            # are sampled and no [P, N, D] pair tensors are formed.
+            row_labels = tf.ones_like(num_tokens, tf.float32)                 # [B]
+            pairs, pair_groups, out = {}, None, {}
+        elif mode == TRAIN:
             # Every training row is a positive pair; add K in-batch negatives per row.
             neg_idx, neg_valid = negatives.sample_negatives(
                 cfg.sampler, q_pooled, p_pooled, query_key, product_id, cfg.num_negatives,
@@ -191,29 +124,32 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
                      "labels": row_labels, "weights": tf.ones_like(row_labels)}
             list_id = features.get(schema.F_QUERY_ID, query_key)  # eval lists are queries
             pair_groups = tf.unique(list_id, out_idx=tf.int32).idx             # [B]
-        g = cfg.cross_to_tower_gradient if training else 1.0
-        out = ranker.score_pairs(_scale_gradient(pairs["q_states"], g), pairs["num_tokens"],
-                                 pairs["q_pooled"], _scale_gradient(pairs["p_states"], g),
-                                 pairs["num_boxes"], pairs["p_pooled"],
-                                 training=training)                          # [P]
+        if pairs:
+            g = cfg.cross_to_tower_gradient if training else 1.0
+            out = ranker.score_pairs(_scale_gradient(pairs["q_states"], g),
+                                     pairs["num_tokens"], pairs["q_pooled"],
+                                     _scale_gradient(pairs["p_states"], g),
+                                     pairs["num_boxes"], pairs["p_pooled"],
+                                     training=training)                      # [P]
         loss_inputs = losses.LossInputs(
-            pair_logits=out["cross_logit"], pair_labels=pairs["labels"],
-            pair_weights=pairs["weights"], q_pooled=q_pooled, p_pooled=p_pooled,
+            pair_logits=out.get(outputs.CROSS_LOGIT), pair_labels=pairs.get("labels"),
+            pair_weights=pairs.get("weights"), q_pooled=q_pooled, p_pooled=p_pooled,
             row_labels=row_labels, query_key=query_key, product_id=product_id,
-            temperature=cfg.temperature, pair_groups=pair_groups)
+            temperature=cfg.temperature, pair_groups=pair_groups,
+            focal_gamma=cfg.focal_gamma)
         total, parts = losses.weighted_losses(cfg.loss_weights, loss_inputs)
         total = tf.identity(total, name="total_loss")
 
         if mode == TRAIN:
             _summaries(ranker, out, parts, total)
-            if cfg.num_negatives > 0:
+            if with_matcher and cfg.num_negatives > 0:
                 # How often a chosen negative outranks its positive (serving score).
-                grid = tf.reshape(out["score"], [-1, 1 + cfg.num_negatives])  # [B, 1 + K]
+                grid = tf.reshape(out[outputs.SCORE], [-1, 1 + cfg.num_negatives])  # [B, 1 + K]
                 beaten = tf.cast(grid[:, 1:] > grid[:, :1], tf.float32)
                 tf.compat.v1.summary.scalar("negatives/beats_positive_fraction",
                                             tf.reduce_mean(beaten))
             global_step = tf.compat.v1.train.get_or_create_global_step()
-            train_op = _train_op(cfg, total, global_step)
+            train_op = optimization.create_train_op(cfg, total, global_step)
             scaffold = None
             if embeddings is not None:
                 emb_var = ranker.text_tower.word_embedding.embeddings
@@ -223,7 +159,7 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
                                                     name="word2vec_init")
                     return feed, emb_var.assign(feed)
 
-                replica_ctx, replicas = _replica_context()
+                replica_ctx, replicas = optimization.replica_context()
                 if replicas > 1:
                     # In a replica, assigning a mirrored variable sets that replica's copy
                     # only, and the Estimator runs replica 0's init_fn: assign every copy.
@@ -238,20 +174,24 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
             return tf.estimator.EstimatorSpec(mode, loss=total, train_op=train_op,
                                               scaffold=scaffold)
 
-        # EVAL
+        # EVAL. NDCG@5 ranks distinct products, as `mmrecall rank` and the scorer do: a
+        # product listed twice in one query takes one position.
         query_id = features[schema.F_QUERY_ID]
+
+        def ndcg(scores):
+            return metrics.ndcg_metric(scores, row_labels, query_id, product_id)
+
         metric_ops = {
-            "ndcg@5": metrics.ndcg_metric(out["score"], row_labels, query_id),
-            "ndcg@5_cross": metrics.ndcg_metric(out["cross_logit"], row_labels, query_id),
-            "ndcg@5_tower": metrics.ndcg_metric(out["tower_score"], row_labels, query_id),
-            "auc": tf.compat.v1.metrics.auc(row_labels, tf.sigmoid(out["score"]),
+            "ndcg@5": ndcg(out[outputs.SCORE]),
+            "ndcg@5_tower": ndcg(out[outputs.TOWER_SCORE]),
+            "auc": tf.compat.v1.metrics.auc(row_labels, tf.sigmoid(out[outputs.SCORE]),
                                             num_thresholds=1000,
                                             summation_method="careful_interpolation"),
-            "matcher/text_gate": tf.compat.v1.metrics.mean(out["text_gate"]),
-            "matcher/box_gate": tf.compat.v1.metrics.mean(out["box_gate"]),
-            "matcher/word_to_region_entropy":
-                tf.compat.v1.metrics.mean(out["word_to_region_entropy"]),
         }
+        if with_matcher:
+            metric_ops["ndcg@5_cross"] = ndcg(out[outputs.CROSS_LOGIT])
+            for key in ("text_gate", "box_gate", "word_to_region_entropy"):
+                metric_ops[f"matcher/{key}"] = tf.compat.v1.metrics.mean(out[key])
         for name, value in parts.items():
             metric_ops[f"loss/{name}"] = tf.compat.v1.metrics.mean(value)
         return tf.estimator.EstimatorSpec(mode, loss=total, eval_metric_ops=metric_ops)

@@ -1,6 +1,6 @@
 """The Ranker: text tower, box tower and the CAMP matcher, with a stable public API.
 
-The export engineer builds the Ranker in a fresh graph and restores it from our Estimator
+The export builds the Ranker in a fresh graph and restores it from the Estimator's
 checkpoints, so this module's API is a contract:
 
     ranker = build_ranker(cfg, vocab_size, embeddings=None)
@@ -9,7 +9,7 @@ checkpoints, so this module's API is a contract:
                                                num_boxes, training=False)
     out = ranker.score_pairs(q_states, num_tokens, q_pooled,
                              p_states, num_boxes, p_pooled, training=False)
-    out["score"], out["cross_logit"], out["tower_score"]   # each float32 [B]
+    out[outputs.SCORE], out[outputs.CROSS_LOGIT], out[outputs.TOWER_SCORE]  # float32 [B]
 
 `build_ranker` creates every variable at once, under the absolute name scope "ranker/"
 (re-entered, never uniquified), with explicit layer names; names therefore depend only on
@@ -32,9 +32,10 @@ model's variables. Mixed-precision training keeps float32 variables, so the same
 dtypes restore with or without it.
 
 Dimension legend: B batch (row-aligned pairs in score_pairs), T tokens, N boxes, F 2048,
-G 6, D model width, E pooled width.
+G 6, W word2vec width, V vocabulary, D model width, E pooled width.
 """
 import contextlib
+import dataclasses
 import random
 from typing import Dict, Optional
 
@@ -42,12 +43,16 @@ import numpy as np
 import tensorflow as tf
 
 from data_prep import schema
-from estimator import layers, towers
+from estimator import layers, outputs, towers
+from estimator.config import Config
 
 SCOPE = "ranker"
+# The [B] diagnostics of CampMatcher.call (score_pairs' outputs beside the scores).
+MATCHER_DIAGNOSTICS = ("text_gate", "box_gate", "word_to_region_entropy",
+                       "region_to_word_entropy")
 
 
-class CampMatcher(tf.keras.layers.Layer):
+class CampMatcher(layers.ConfigLayer):
     """CAMP-style matching of a (query, product) pair.
 
     Rounds of: words attend to regions and regions attend to words (cross-attention in both
@@ -55,39 +60,33 @@ class CampMatcher(tf.keras.layers.Layer):
     by an adaptive gate. Then attention pooling per modality and an MLP over
     [v_q, v_p, v_q * v_p, |v_q - v_p|] -> one logit.
 
+    Sized by cfg: hidden_size, num_heads, intermediate_size, cross_layers (rounds),
+    matcher_hidden_size (H of the MLP), dropout.
+
     call(q_states [B, T, D], q_mask [B, T], p_states [B, N, D], p_mask [B, N]) ->
     (logit [B], diagnostics dict of [B] tensors).
     """
 
-    def __init__(self, hidden_size, num_heads, intermediate_size, num_layers,
-                 mlp_hidden_size, dropout=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.intermediate_size = intermediate_size
-        self.num_layers = num_layers
-        self.mlp_hidden_size = mlp_hidden_size
-        self.dropout = dropout
-
     def build(self, input_shape):
-        p = self.dtype_policy
-        args = (self.hidden_size, self.num_heads, self.dropout)
+        cfg, p = self.cfg, self.dtype_policy
+        rounds = range(cfg.cross_layers)
+        args = (cfg.hidden_size, cfg.num_heads, cfg.dropout)
         self.word_to_region = [layers.CrossAttention(*args, name=f"word_to_region_{i}", dtype=p)
-                               for i in range(self.num_layers)]
+                               for i in rounds]
         self.region_to_word = [layers.CrossAttention(*args, name=f"region_to_word_{i}", dtype=p)
-                               for i in range(self.num_layers)]
-        fargs = (self.hidden_size, self.intermediate_size, self.dropout)
+                               for i in rounds]
+        fargs = (cfg.hidden_size, cfg.intermediate_size, cfg.dropout)
         self.text_fusion = [layers.GatedFusion(*fargs, name=f"text_fusion_{i}", dtype=p)
-                            for i in range(self.num_layers)]
+                            for i in rounds]
         self.box_fusion = [layers.GatedFusion(*fargs, name=f"box_fusion_{i}", dtype=p)
-                           for i in range(self.num_layers)]
-        self.text_pooling = layers.AttentionPooling(self.hidden_size, name="text_pooling",
+                           for i in rounds]
+        self.text_pooling = layers.AttentionPooling(cfg.hidden_size, name="text_pooling",
                                                     dtype=p)
-        self.box_pooling = layers.AttentionPooling(self.hidden_size, name="box_pooling",
+        self.box_pooling = layers.AttentionPooling(cfg.hidden_size, name="box_pooling",
                                                    dtype=p)
-        self.mlp_hidden = tf.keras.layers.Dense(self.mlp_hidden_size, activation="gelu",
+        self.mlp_hidden = tf.keras.layers.Dense(cfg.matcher_hidden_size, activation="gelu",
                                                 name="mlp_hidden", dtype=p)
-        self.mlp_dropout = tf.keras.layers.Dropout(self.dropout, name="mlp_dropout", dtype=p)
+        self.mlp_dropout = tf.keras.layers.Dropout(cfg.dropout, name="mlp_dropout", dtype=p)
         self.mlp_out = tf.keras.layers.Dense(1, name="mlp_out", dtype=p)
         super().build(input_shape)
 
@@ -95,7 +94,7 @@ class CampMatcher(tf.keras.layers.Layer):
     def call(self, q_states, q_mask, p_states, p_mask, training=None):
         q, p = q_states, tf.cast(p_states, self.compute_dtype)
         gates_q, gates_p, ent_q, ent_p = [], [], [], []
-        for i in range(self.num_layers):
+        for i in range(self.cfg.cross_layers):
             q_att, q_probs = self.word_to_region[i](q, p, p_mask, training=training)  # [B,T,D]
             p_att, p_probs = self.region_to_word[i](p, q, q_mask, training=training)  # [B,N,D]
             q, q_gate = self.text_fusion[i](q, q_att, training=training)     # [B, T, D]
@@ -109,66 +108,37 @@ class CampMatcher(tf.keras.layers.Layer):
         joint = tf.concat([v_q, v_p, v_q * v_p, tf.abs(v_q - v_p)], -1)      # [B, 4D]
         hidden = self.mlp_dropout(self.mlp_hidden(joint), training=training)  # [B, H]
         logit = tf.cast(tf.squeeze(self.mlp_out(hidden), -1), tf.float32)    # [B]
-        diag = {
-            "text_gate": tf.add_n(gates_q) / len(gates_q),
-            "box_gate": tf.add_n(gates_p) / len(gates_p),
-            "word_to_region_entropy": tf.add_n(ent_q) / len(ent_q),
-            "region_to_word_entropy": tf.add_n(ent_p) / len(ent_p),
-        }
+        diag = {key: tf.add_n(values) / len(values)                            # [B] each
+                for key, values in zip(MATCHER_DIAGNOSTICS, (gates_q, gates_p, ent_q, ent_p))}
         return logit, diag
-
-    def get_config(self):
-        return dict(super().get_config(), hidden_size=self.hidden_size,
-                    num_heads=self.num_heads, intermediate_size=self.intermediate_size,
-                    num_layers=self.num_layers, mlp_hidden_size=self.mlp_hidden_size,
-                    dropout=self.dropout)
 
 
 def _masked_mean(x, mask):
     """[B, L, D], [B, L] -> [B]: mean over real positions and channels."""
-    mask = tf.cast(mask, tf.float32)
-    x = tf.reduce_mean(tf.cast(x, tf.float32), -1)                           # [B, L]
-    return tf.reduce_sum(x * mask, -1) / tf.maximum(tf.reduce_sum(mask, -1), 1.0)
+    return tf.reduce_mean(layers.masked_mean(tf.cast(x, tf.float32), mask), -1)
 
 
 class Ranker(tf.keras.Model):
     """Text tower + box tower + CAMP matcher. Build it with `build_ranker`.
 
-    The serving score is chosen by `serving_score`: "cross" (matcher logit), "tower"
-    (cosine of pooled embeddings / temperature) or "sum" (cross + w * tower).
+    The serving score is chosen by cfg.serving_score: "cross" (matcher logit), "tower"
+    (cosine of pooled embeddings / temperature) or "sum" (cross + tower_score_weight * tower).
+    A towers-only config (Config.uses_matcher False) builds no matcher; score_pairs then
+    returns zeros as the cross logit.
     """
 
-    def __init__(self, vocab_size, word_embedding_size, hidden_size=64, pooled_size=64,
-                 num_heads=4, intermediate_size=128, text_layers=1, box_layers=1,
-                 cross_layers=1, box_hidden_size=256, geometry_hidden_size=32,
-                 matcher_hidden_size=64, max_query_tokens=16, dropout=0.1,
-                 trainable_embeddings=True, serving_score="sum", tower_score_weight=1.0,
-                 temperature=0.1, embeddings=None, dtype=None, name=SCOPE):
+    def __init__(self, cfg: Config, vocab_size: int, embeddings=None, dtype=None, name=SCOPE):
+        """cfg: a resolved Config (word_embedding_size > 0); vocab_size: V; embeddings:
+        optional float32 [V, W] initial word vectors; dtype: a Keras policy or None."""
         super().__init__(name=name, dtype=dtype)
-        self._settings = dict(
-            vocab_size=vocab_size, word_embedding_size=word_embedding_size,
-            hidden_size=hidden_size, pooled_size=pooled_size, num_heads=num_heads,
-            intermediate_size=intermediate_size, text_layers=text_layers,
-            box_layers=box_layers, cross_layers=cross_layers, box_hidden_size=box_hidden_size,
-            geometry_hidden_size=geometry_hidden_size,
-            matcher_hidden_size=matcher_hidden_size, max_query_tokens=max_query_tokens,
-            dropout=dropout, trainable_embeddings=trainable_embeddings,
-            serving_score=serving_score, tower_score_weight=tower_score_weight,
-            temperature=temperature)
-        if serving_score not in ("cross", "tower", "sum"):
-            raise ValueError(f"serving_score {serving_score!r}")
-        self.serving_score = serving_score
-        self.tower_score_weight = float(tower_score_weight)
-        self.temperature = float(temperature)
-        self.text_tower = towers.TextTower(
-            vocab_size, word_embedding_size, hidden_size, pooled_size, num_heads,
-            intermediate_size, text_layers, max_query_tokens, dropout,
-            trainable_embeddings, embeddings, name="text_tower", dtype=dtype)
-        self.box_tower = towers.BoxTower(
-            hidden_size, pooled_size, num_heads, intermediate_size, box_layers,
-            box_hidden_size, geometry_hidden_size, dropout, name="box_tower", dtype=dtype)
-        self.matcher = CampMatcher(hidden_size, num_heads, intermediate_size, cross_layers,
-                                   matcher_hidden_size, dropout, name="matcher", dtype=dtype)
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.text_tower = towers.TextTower(cfg, vocab_size, embeddings, name="text_tower",
+                                           dtype=dtype)
+        self.box_tower = towers.BoxTower(cfg, name="box_tower", dtype=dtype)
+        # A towers-only config (cfg.uses_matcher False) builds no matcher (no matcher variables).
+        self.matcher = (CampMatcher(cfg, name="matcher", dtype=dtype) if cfg.uses_matcher
+                        else None)
         # Diagnostics of the latest calls (tensors), for TensorBoard summaries.
         self.last_diagnostics: Dict[str, tf.Tensor] = {}
 
@@ -204,21 +174,28 @@ class Ranker(tf.keras.Model):
           q_states [B, T, D], num_tokens [B], q_pooled [B, E]: from encode_query.
           p_states [B, N, D], num_boxes [B], p_pooled [B, E]: from encode_product.
         Returns:
-          dict of float32 [B]: "score" (the configured serving score), "cross_logit",
-          "tower_score" (cosine / temperature), and diagnostics "text_gate", "box_gate",
-          "word_to_region_entropy", "region_to_word_entropy".
+          dict of float32 [B]: outputs.SCORE (the configured serving score),
+          outputs.CROSS_LOGIT, outputs.TOWER_SCORE (cosine / temperature), and diagnostics
+          MATCHER_DIAGNOSTICS. A towers-only Ranker (no matcher) gives zeros for the cross
+          logit and the diagnostics, so its outputs have the same keys.
         """
-        q_mask = layers.sequence_mask(num_tokens, tf.shape(q_states)[1])      # [B, T]
-        p_mask = layers.sequence_mask(num_boxes, tf.shape(p_states)[1])       # [B, N]
-        cross, diag = self.matcher(q_states, q_mask, p_states, p_mask, training=training)
-        tower = tf.reduce_sum(q_pooled * p_pooled, -1) / self.temperature      # [B]
-        if self.serving_score == "cross":
+        cfg = self.cfg
+        tower = tf.reduce_sum(q_pooled * p_pooled, -1) / float(cfg.temperature)  # [B]
+        if self.matcher is None:
+            zeros = tf.zeros_like(tower)
+            cross, diag = zeros, {key: zeros for key in MATCHER_DIAGNOSTICS}
+        else:
+            q_mask = layers.sequence_mask(num_tokens, tf.shape(q_states)[1])  # [B, T]
+            p_mask = layers.sequence_mask(num_boxes, tf.shape(p_states)[1])   # [B, N]
+            cross, diag = self.matcher(q_states, q_mask, p_states, p_mask, training=training)
+        # cfg.serving_score is one of these three (Config.validate).
+        if cfg.serving_score == "cross":
             score = cross
-        elif self.serving_score == "tower":
+        elif cfg.serving_score == "tower":
             score = tower
         else:
-            score = cross + self.tower_score_weight * tower
-        out = {"score": score, "cross_logit": cross, "tower_score": tower}
+            score = cross + float(cfg.tower_score_weight) * tower
+        out = {outputs.SCORE: score, outputs.CROSS_LOGIT: cross, outputs.TOWER_SCORE: tower}
         out.update(diag)
         return out
 
@@ -234,7 +211,7 @@ class Ranker(tf.keras.Model):
                                 p_states, features[schema.F_NUM_BOXES], p_pooled, training)
 
     def get_config(self):
-        return dict(self._settings)
+        return {"cfg": dataclasses.asdict(self.cfg), "vocab_size": self.vocab_size}
 
     def variable_map(self) -> Dict[str, tf.Variable]:
         """{checkpoint name (variable op name): variable} for tf.compat.v1.train.Saver."""
@@ -246,7 +223,7 @@ class Ranker(tf.keras.Model):
         Called by build_ranker. The dummy ops are never run in graph mode.
         """
         with tf.name_scope(SCOPE + "/"):
-            t = self._settings["max_query_tokens"]
+            t = self.cfg.max_query_tokens
             q_states, q_pooled = self.encode_query(
                 tf.zeros([1, t], tf.int32), tf.ones([1], tf.int32))
             p_states, p_pooled = self.encode_product(
@@ -283,35 +260,29 @@ def _var_name(v) -> str:
     return name[:-2] if name.endswith(":0") else name
 
 
-def ranker_kwargs(cfg, vocab_size: int) -> dict:
-    """Ranker constructor arguments from a Config."""
-    return dict(
-        vocab_size=vocab_size, word_embedding_size=cfg.word_embedding_size or 64,
-        hidden_size=cfg.hidden_size, pooled_size=cfg.pooled_size, num_heads=cfg.num_heads,
-        intermediate_size=cfg.intermediate_size, text_layers=cfg.text_layers,
-        box_layers=cfg.box_layers, cross_layers=cfg.cross_layers,
-        box_hidden_size=cfg.box_hidden_size, geometry_hidden_size=cfg.geometry_hidden_size,
-        matcher_hidden_size=cfg.matcher_hidden_size, max_query_tokens=cfg.max_query_tokens,
-        dropout=cfg.dropout, trainable_embeddings=cfg.trainable_embeddings,
-        serving_score=cfg.serving_score, tower_score_weight=cfg.tower_score_weight,
-        temperature=cfg.temperature)
-
-
-def build_ranker(cfg, vocab_size: int, embeddings: Optional[np.ndarray] = None) -> Ranker:
+def build_ranker(cfg: Config, vocab_size: int,
+                 embeddings: Optional[np.ndarray] = None) -> Ranker:
     """Builds a Ranker with all variables created (see the module docstring for names).
 
     Args:
-      cfg: estimator.config.Config (word_embedding_size must be set, or embeddings given).
+      cfg: a resolved estimator.config.Config (estimator.train.resolve_config sets
+        word_embedding_size to the prep's word2vec width W).
       vocab_size: V, rows of the word embedding (len(vocab.tsv)).
       embeddings: optional float32 [V, W] initial word vectors (word2vec.npy); None gives a
-        random initialisation, e.g. when restoring from a checkpoint right after.
+        random initialisation, e.g. when restoring from a checkpoint right after. When given
+        and cfg.word_embedding_size is 0, W is their width.
     Returns:
       A built Ranker.
+    Raises:
+      ValueError: cfg.word_embedding_size is 0 and no embeddings are given (an unresolved
+        config), or the embeddings are not [V, cfg.word_embedding_size].
     """
-    kwargs = ranker_kwargs(cfg, vocab_size)
-    if embeddings is not None:
-        kwargs["word_embedding_size"] = int(np.shape(embeddings)[1])
+    if not cfg.word_embedding_size:
+        if embeddings is None:
+            raise ValueError("cfg.word_embedding_size is 0: resolve the config against its "
+                             "prep directory first (estimator.train.resolve_config)")
+        cfg = dataclasses.replace(cfg, word_embedding_size=int(np.shape(embeddings)[1]))
     dtype = tf.keras.mixed_precision.Policy("mixed_float16") if cfg.mixed_precision else None
-    ranker = Ranker(embeddings=embeddings, dtype=dtype, **kwargs)
+    ranker = Ranker(cfg, vocab_size, embeddings=embeddings, dtype=dtype)
     ranker.build_variables()
     return ranker

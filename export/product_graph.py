@@ -14,7 +14,8 @@ Two entry points:
 Every bad request fails with InvalidArgument whose message starts with the offending request
 field (`boxes: ...`, `features: ...`), never a crash or a silent garbage score.
 
-Dimension legend: B products, N boxes, F feature width (2048), G geometry width (6).
+Dimension legend: B products, N boxes (padded request width), M kept boxes (min(N, max_boxes)),
+F region feature width (2048), G geometry width (6).
 """
 from typing import Dict, NamedTuple, Tuple
 
@@ -129,17 +130,30 @@ def _decode_padded(decoded: tf.Tensor, dtype, bytes_per_box: int, max_n: tf.Tens
                                          tf.constant(inner_shape, tf.int32)], axis=0))
 
 
+# Box counts are int32 in the graph; a larger request count must be refused before the
+# cast, which would wrap 2**32 + n around to n.
+_MAX_NUM_BOXES = 2 ** 31 - 1
+
+
 def _common_checks(num_boxes, image_h, image_w, max_n=None):
+    """Checks of the count and image fields; returns (num_boxes as int32, checks).
+
+    The count is range-checked in its request dtype (int64), and cast only after the checks.
+    """
     checks = [
         tf.debugging.assert_positive(num_boxes, message=f"{NUM_BOXES_FIELD}: must be >= 1"),
+        tf.debugging.assert_less_equal(
+            num_boxes, tf.constant(_MAX_NUM_BOXES, num_boxes.dtype),
+            message=f"{NUM_BOXES_FIELD}: must be <= {_MAX_NUM_BOXES}"),
         tf.debugging.assert_positive(image_h, message=f"{IMAGE_H_FIELD}: must be > 0"),
         tf.debugging.assert_positive(image_w, message=f"{IMAGE_W_FIELD}: must be > 0"),
     ]
     if max_n is not None:
         checks.append(tf.debugging.assert_less_equal(
-            num_boxes, tf.cast(max_n, num_boxes.dtype),
+            tf.cast(num_boxes, tf.int64), tf.cast(max_n, tf.int64),
             message=f"{NUM_BOXES_FIELD}: larger than the padded box dimension of the inputs"))
-    return checks
+    with tf.control_dependencies(checks[:2]):
+        return tf.cast(num_boxes, tf.int32), checks
 
 
 def decode_b64_boxes(boxes: tf.Tensor, features: tf.Tensor, class_labels: tf.Tensor,
@@ -158,7 +172,7 @@ def decode_b64_boxes(boxes: tf.Tensor, features: tf.Tensor, class_labels: tf.Ten
       (boxes float32 [B, N, 4], features float32 [B, N, F], class_labels int64 [B, N]),
       N = the batch's largest num_boxes, zero past each row's count.
     """
-    num_boxes = tf.cast(num_boxes, tf.int32)
+    num_boxes, checks = _common_checks(num_boxes, image_h, image_w)
     fields = ((BOXES_FIELD, boxes, _BOX_BYTES), (FEATURES_FIELD, features, _FEATURE_BYTES),
               (LABELS_FIELD, class_labels, _LABEL_BYTES))
     # The heavy string work of the three fields has no control dependencies (it cannot
@@ -166,7 +180,6 @@ def decode_b64_boxes(boxes: tf.Tensor, features: tf.Tensor, class_labels: tf.Ten
     # (data_prep.tsv.parse_row), so a request with several problems reports the one prep
     # would.
     parts = {field: _b64_parts(value, num_boxes, width) for field, value, width in fields}
-    checks = _common_checks(num_boxes, image_h, image_w)
     raw = {}
     for field, _, width in fields:
         raw[field], length_check = _decode_checked(parts[field], num_boxes, width, field,
@@ -184,36 +197,36 @@ def decode_b64_boxes(boxes: tf.Tensor, features: tf.Tensor, class_labels: tf.Ten
 
 def decode_b64_products(boxes: tf.Tensor, features: tf.Tensor, class_labels: tf.Tensor,
                         num_boxes: tf.Tensor, image_h: tf.Tensor, image_w: tf.Tensor,
-                        max_boxes: int, model_max_boxes: int = 0) -> Products:
+                        max_boxes: int) -> Products:
     """Decodes and preprocesses products given as TSV fields (see decode_b64_boxes).
 
     Args:
-      max_boxes: keep the `max_boxes` largest boxes (the prep manifest's cap).
-      model_max_boxes: then keep the first `model_max_boxes` of those, as the training
-        input_fn does when Config.max_boxes is below the prep cap (0 = no second cap).
+      max_boxes: keep the `max_boxes` largest boxes by pixel area, in original order (the
+        serving cap: the smaller of prep's and the model's, see ServingGraph).
     Returns:
-      Products, boxes padded to the batch's largest kept count.
+      Products, boxes padded to the batch's largest kept count (at most max_boxes).
     """
     box_values, feature_values, label_values = decode_b64_boxes(
         boxes, features, class_labels, num_boxes, image_h, image_w)
     return process_dense_products(box_values, feature_values, label_values, num_boxes,
-                                  image_h, image_w, max_boxes, model_max_boxes)
+                                  image_h, image_w, max_boxes)
 
 
 def process_dense_products(boxes: tf.Tensor, features: tf.Tensor, class_labels: tf.Tensor,
                            num_boxes: tf.Tensor, image_h: tf.Tensor, image_w: tf.Tensor,
-                           max_boxes: int, model_max_boxes: int = 0) -> Products:
+                           max_boxes: int) -> Products:
     """Preprocesses padded dense products (values past num_boxes are ignored).
 
     Args:
       boxes: float32 [B, N, 4] pixel top, left, bottom, right.
-      features: float32 [B, N, 2048].
+      features: float32 [B, N, F].
       class_labels: int [B, N].
       num_boxes, image_h, image_w: int [B].
-      max_boxes, model_max_boxes: as in decode_b64_products.
+      max_boxes: as in decode_b64_products.
+    Returns:
+      Products, boxes padded to min(N, max_boxes).
     """
-    num_boxes = tf.cast(num_boxes, tf.int32)
-    checks = _common_checks(num_boxes, image_h, image_w, max_n=tf.shape(boxes)[1])
+    num_boxes, checks = _common_checks(num_boxes, image_h, image_w, max_n=tf.shape(boxes)[1])
     checks.append(tf.debugging.assert_equal(
         tf.shape(features)[1], tf.shape(boxes)[1],
         message=f"{FEATURES_FIELD}: box dimension differs from {BOXES_FIELD}'s"))
@@ -223,12 +236,10 @@ def process_dense_products(boxes: tf.Tensor, features: tf.Tensor, class_labels: 
     boxes, features, class_labels = _with_checks(
         checks, [tf.cast(boxes, tf.float32), tf.cast(features, tf.float32),
                  tf.cast(class_labels, tf.int64)])
-    return _process(boxes, features, class_labels, num_boxes, image_h, image_w, max_boxes,
-                    model_max_boxes)
+    return _process(boxes, features, class_labels, num_boxes, image_h, image_w, max_boxes)
 
 
-def _process(boxes, features, labels, num_boxes, image_h, image_w, max_boxes,
-             model_max_boxes=0) -> Products:
+def _process(boxes, features, labels, num_boxes, image_h, image_w, max_boxes) -> Products:
     """Validation, clipping, cap and geometry of padded boxes.
 
     Args:
@@ -285,30 +296,24 @@ def _process(boxes, features, labels, num_boxes, image_h, image_w, max_boxes,
     by_area = tf.argsort(-area, axis=1, stable=True)                      # [B, N]
     kept_n = tf.minimum(num_boxes, max_boxes)                              # [B]
     k_pad = tf.minimum(n_pad, max_boxes)
-    top_k = by_area[:, :k_pad]                                             # [B, K]
-    kept = tf.sequence_mask(kept_n, k_pad)                                 # [B, K]
+    top_m = by_area[:, :k_pad]                                             # [B, M]
+    kept = tf.sequence_mask(kept_n, k_pad)                                 # [B, M]
     # Put the kept indices back in original order; dropped slots sort to the end.
-    index = tf.sort(tf.where(kept, top_k, tf.fill(tf.shape(top_k), n_pad)), axis=1)
-    if model_max_boxes and model_max_boxes < max_boxes:
-        # The training input_fn keeps the first Config.max_boxes of prep's boxes.
-        kept_n = tf.minimum(kept_n, model_max_boxes)
-        k_pad = tf.minimum(k_pad, model_max_boxes)
-        index = index[:, :k_pad]
-        kept = tf.sequence_mask(kept_n, k_pad)
-    index = tf.where(kept, index, tf.zeros_like(index))                    # [B, K]
+    index = tf.sort(tf.where(kept, top_m, tf.fill(tf.shape(top_m), n_pad)), axis=1)
+    index = tf.where(kept, index, tf.zeros_like(index))                    # [B, M]
 
-    kept_boxes = tf.gather(clipped, index, batch_dims=1)                   # [B, K, 4]
-    kept_labels = tf.gather(labels, index, batch_dims=1)                   # [B, K]
-    geometry_rows = _relative_geometry(kept_boxes, image_h, image_w)       # [B, K, G]
+    kept_boxes = tf.gather(clipped, index, batch_dims=1)                   # [B, M, 4]
+    kept_labels = tf.gather(labels, index, batch_dims=1)                   # [B, M]
+    geometry_rows = _relative_geometry(kept_boxes, image_h, image_w)       # [B, M, G]
 
-    # Features [B, N, F]: when no cap applies (K == N: every box is kept, in order) the
+    # Features [B, N, F]: when no cap applies (M == N: every box is kept, in order) the
     # gather is the identity and only the padding must be zeroed, one pass instead of two.
     # Both branches give the same values (kept features are finite and >= 0).
     kept_features = tf.cond(
         tf.equal(k_pad, n_pad),
         lambda: tf.where(kept[:, :, None], features, tf.zeros([], features.dtype)),
         lambda: tf.where(kept[:, :, None], tf.gather(features, index, batch_dims=1),
-                         tf.zeros([], features.dtype)))                   # [B, K, F]
+                         tf.zeros([], features.dtype)))                   # [B, M, F]
 
     keep_f = tf.cast(kept, tf.float32)
     return Products(

@@ -18,8 +18,8 @@ from typing import Collection, Dict, List, Sequence
 
 from data_prep import schema
 
-K = 5
-_DISCOUNTS = [1.0 / math.log2(i + 2) for i in range(K)]  # 1, 1/log2(3), ..., 1/log2(6)
+# 1, 1/log2(3), ..., 1/log2(6)
+_DISCOUNTS = [1.0 / math.log2(i + 2) for i in range(schema.NDCG_K)]
 MAX_REPORTED_PROBLEMS = 20
 
 
@@ -46,7 +46,7 @@ def ndcg_at_5(ranked_ids: Sequence[int], answers: Collection[int]) -> float:
       DCG@5 / IDCG@5 in [0, 1]; 0.0 when there are no answers.
     """
     relevant = {int(a) for a in answers}
-    ideal = sum(_DISCOUNTS[:min(len(relevant), K)])
+    ideal = sum(_DISCOUNTS[:min(len(relevant), schema.NDCG_K)])
     if ideal == 0.0:
         return 0.0
     dcg = sum(d for d, pid in zip(_DISCOUNTS, ranked_ids) if int(pid) in relevant)
@@ -86,17 +86,18 @@ def read_submission(path: str, answers: Dict[int, Collection[int]]) -> Dict[int,
         if not line:
             continue  # blank lines (e.g. a trailing one) carry no prediction
         fields = [x.strip() for x in line.split(",")]
-        if len(fields) != 1 + K:
+        if len(fields) != 1 + schema.NDCG_K:
             problems.append(f"line {line_no}: {len(fields)} fields, expected query-id and "
-                            f"{K} product ids")
+                            f"{schema.NDCG_K} product ids")
             continue
         qid, pids = fields[0], fields[1:]
         bad = [x for x in fields if not x.isdigit() or not x.isascii()]
         if bad:
             problems.append(f"line {line_no}: ids must be all digits, got {bad}")
             continue
-        if len(set(int(p) for p in pids)) != K:
-            problems.append(f"line {line_no}: query {qid}: product ids are not {K} distinct ids")
+        if len(set(int(p) for p in pids)) != schema.NDCG_K:
+            problems.append(f"line {line_no}: query {qid}: product ids are not "
+                            f"{schema.NDCG_K} distinct ids")
             continue
         q = int(qid)
         if q in ranked:
@@ -129,6 +130,7 @@ def score_files(answers_path: str, submission_path: str) -> Dict[str, float]:
 
 
 def main(argv=None) -> int:
+    """`mmrecall score`: prints {"ndcg@5", "queries"} as JSON; 1 on an invalid submission."""
     parser = argparse.ArgumentParser(
         prog="mmrecall score", description="NDCG@5 of a submission CSV, as the organiser did.")
     parser.add_argument("--answers", required=True, help="valid_answer.json")

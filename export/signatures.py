@@ -14,7 +14,8 @@ Signatures (B pairs, Q queries, C candidates per query, N boxes, E pooled width)
                    the TSV), num_boxes/image_h/image_w int64 [B]
                    -> score, cross_logit, tower_score float32 [B]
   rank             query string [Q], boxes/features/class_labels string [Q, C],
-                   num_boxes/image_h/image_w int64 [Q, C]   -> scores float32 [Q, C]
+                   num_boxes/image_h/image_w int64 [Q, C]
+                   -> scores, first_stage_scores float32 [Q, C]
   embed_query      query string [B] -> embedding float32 [B, E], num_tokens int32 [B]
   embed_product    product fields [B] as serving_default -> embedding float32 [B, E],
                    num_boxes int32 [B] (boxes kept after the cap)
@@ -22,12 +23,33 @@ Signatures (B pairs, Q queries, C candidates per query, N boxes, E pooled width)
                    class_labels int64 [B, N], num_boxes/image_h/image_w int64 [B]
                    -> score, cross_logit, tower_score float32 [B]
   embed_product_dense  the product fields of score_dense -> embedding, num_boxes
+
+`rank` takes whole candidate lists. Lists shorter than the request's C are padded with
+candidates whose num_boxes is 0 (send empty strings for boxes/features/class_labels and 0
+for the ints: what TF Serving's batcher pads with); padding never reaches the model, and
+gets estimator.list_stage.PADDING_SCORE in both outputs. `first_stage_scores` are the
+pointwise model's scores (serving_default's `score`); `scores` are the list-aware scores of
+the export's list stage (estimator.list_stage.prf_scores, on the z-score scale) when it has
+one, else the first-stage scores.
+
+Every signature checks its inputs' ranks and shapes against each other (check_inputs, with
+the *_LAYOUT tables below) before anything reads them: a transposed field, a mismatched C
+or B, or a wrong rank is refused with InvalidArgument naming the field and both shapes,
+never scored against the wrong candidates. Each part of the graph checks what it reads
+(`rank` its [Q, C] lists, the pair part its [B] fields, the query part its query, the
+dense part its [B, N, ...] boxes), because a signature is fed at the part it starts from;
+a query's count is checked against the products' where the two first meet. The graph's
+input tensors have no static shape (the SignatureDefs show the layouts' shapes), so that
+the checks hold for every client.
 """
-from typing import Dict
+from typing import Dict, Optional
 
 import tensorflow as tf
 
 from data_prep import schema
+from data_prep import vocab as vocab_lib
+from estimator import list_stage as list_lib
+from estimator import outputs
 from export import product_graph as pg
 from export import text_graph
 
@@ -46,14 +68,90 @@ QUERY = text_graph.QUERY_FIELD
 PRODUCT_B64_FIELDS = (pg.BOXES_FIELD, pg.FEATURES_FIELD, pg.LABELS_FIELD)
 PRODUCT_INT_FIELDS = (pg.NUM_BOXES_FIELD, pg.IMAGE_H_FIELD, pg.IMAGE_W_FIELD)
 
-# Output keys.
-SCORE = "score"
-CROSS_LOGIT = "cross_logit"
-TOWER_SCORE = "tower_score"
+# Output keys. The pair outputs are the model's own keys (estimator.outputs.SCORE,
+# CROSS_LOGIT, TOWER_SCORE); these are the signatures' other ones.
+PAIR_OUTPUTS = (outputs.SCORE, outputs.CROSS_LOGIT, outputs.TOWER_SCORE)
 SCORES = "scores"
+FIRST_STAGE_SCORES = "first_stage_scores"
 EMBEDDING = "embedding"
 NUM_TOKENS = "num_tokens"
 NUM_BOXES = "num_boxes"
+
+
+# Input layouts, by signature part: a dimension is a letter (tied across the inputs checked
+# together: the first input holding it, num_boxes first, defines it) or a fixed size.
+LIST_LAYOUT = dict({pg.NUM_BOXES_FIELD: ("Q", "C"), QUERY: ("Q",)},
+                   **{f: ("Q", "C") for f in PRODUCT_B64_FIELDS + PRODUCT_INT_FIELDS})
+PAIR_LAYOUT = {f: ("B",) for f in (pg.NUM_BOXES_FIELD,) + PRODUCT_B64_FIELDS + PRODUCT_INT_FIELDS}
+DENSE_LAYOUT = dict({f: ("B",) for f in PRODUCT_INT_FIELDS},
+                    **{pg.BOXES_FIELD: ("B", "N", schema.BOX_COORDS),
+                       pg.FEATURES_FIELD: ("B", "N", schema.FEATURE_DIM),
+                       pg.LABELS_FIELD: ("B", "N")})
+QUERY_LAYOUT = {QUERY: ("B",)}
+JOIN_LAYOUT = {pg.NUM_BOXES_FIELD: ("B",), QUERY: ("B",)}
+
+
+def check_inputs(inputs: Dict[str, tf.Tensor], layouts: Dict[str, tuple]) -> Dict[str, tf.Tensor]:
+    """Checks request inputs' ranks and shapes against each other before anything reads them.
+
+    Each input must have its layout's rank, its fixed sizes, and each lettered dimension
+    equal to that of the first input (in `layouts` order) holding the letter; otherwise the
+    run fails with InvalidArgument "<field>: ..." followed by the field's shape and the
+    shapes it was compared with, e.g. "features: shape (B, N, 2048) expected (B as in
+    num_boxes, N as in boxes); shapes of features, num_boxes, boxes: [3 2048 4] [3] [3 4 4]".
+    The ranks are checked first (a wrong rank would make the shape comparison itself fail
+    with an unnamed error), at run time, and the inputs must have no static shape
+    (unshaped placeholders, ServingGraph.build's entries): Grappler's constant folding
+    trusts a static rank even where a gRPC or REST client feeds another one, and would fold
+    the check away. The rank is Size(Shape(x)): Grappler folds Rank(x) when it can infer
+    x's rank through a PlaceholderWithDefault's default, tying the constant by a control
+    edge to x's op, which then runs (needing `rank`'s placeholders) even when fed.
+
+    Args:
+      inputs: {field: tensor}, a subset of `layouts`' keys (checked in `layouts` order).
+      layouts: {field: layout}, e.g. {"num_boxes": ("B",), "boxes": ("B", "N", 4)}.
+    Returns:
+      {field: the input, given its layout's static shape, that runs only after every
+      check}.
+    """
+    names = [k for k in layouts if k in inputs]
+
+    def text(layout):       # no brackets: rank.field_message reads up to the first "]"
+        return "(" + ", ".join(str(d) for d in layout) + ")"
+
+    rank_checks = [tf.debugging.Assert(
+        tf.equal(tf.size(tf.shape(inputs[k])), len(layouts[k])),
+        [f"{k}: rank {len(layouts[k])} expected {text(layouts[k])}, got shape",
+         tf.shape(inputs[k])], summarize=8, name=f"{k}_rank") for k in names]
+    with tf.control_dependencies(rank_checks):
+        # int32 shapes: an Assert whose data are all int32 or string is a single op.
+        shapes = {k: tf.identity(tf.shape(inputs[k])) for k in names}   # read after the ranks
+    shape_checks = []
+    owner = {}                                       # letter -> (field, axis) defining it
+    for k in names:
+        expected, refs = [], []
+        for axis, dim in enumerate(layouts[k]):
+            if isinstance(dim, int):
+                expected.append(tf.constant(dim, tf.int32))
+                continue
+            ref, ref_axis = owner.setdefault(dim, (k, axis))
+            expected.append(shapes[ref][ref_axis])
+            if ref != k and ref not in refs:
+                refs.append(ref)
+        if not refs and all(isinstance(d, str) for d in layouts[k]):
+            continue                                 # defines all its dimensions: no check
+        where = ", ".join(f"{d} as in {owner[d][0]}" for d in layouts[k]
+                          if isinstance(d, str) and owner[d][0] != k)
+        shape_checks.append(tf.debugging.Assert(
+            tf.reduce_all(tf.equal(shapes[k], tf.stack(expected))),
+            [f"{k}: shape {text(layouts[k])} expected" + (f" ({where})" if where else "") +
+             f"; shapes of {', '.join([k] + refs)}:", shapes[k]] +
+            [shapes[r] for r in refs], summarize=8, name=f"{k}_shape"))
+    with tf.control_dependencies(rank_checks + shape_checks):
+        # Past the checks the layout holds; EnsureShape records it in the graph, so that
+        # Grappler's shape inference (and the ops it fuses on known shapes) sees it too.
+        return {k: tf.ensure_shape(v, [d if isinstance(d, int) else None for d in layouts[k]])
+                for k, v in inputs.items()}
 
 
 class ServingGraph:
@@ -63,19 +161,21 @@ class ServingGraph:
       ranker: an estimator.network.Ranker built in this graph.
       vocab_tokens: the vocabulary, index == id.
       max_tokens: the model's query token cap (Config.max_query_tokens).
-      max_boxes: the box cap applied by prep (manifest max_boxes: the largest boxes).
+      max_boxes: the box cap: each product keeps its `max_boxes` largest boxes by pixel
+        area, in original order. Prep kept the largest `prep.max_boxes` and the input_fn
+        the largest `Config.max_boxes` of those, which are the largest min(both) boxes, so
+        the export passes that minimum.
       drop_leading_be: the prep manifest's flag.
-      model_max_boxes: Config.max_boxes; the input_fn keeps the first that many of prep's.
+      list_stage: the PRF settings of `rank`'s list-aware scores, or None for none
+        (`scores` are then the first-stage scores).
     """
 
     def __init__(self, ranker, vocab_tokens, max_tokens: int, max_boxes: int,
-                 drop_leading_be: bool, model_max_boxes: int = 0):
-        from data_prep import vocab as vocab_lib
-
+                 drop_leading_be: bool, list_stage: Optional[list_lib.PrfParams] = None):
         self.ranker = ranker
+        self.list_stage = list_stage
         self.max_tokens = int(max_tokens)
         self.max_boxes = int(max_boxes)
-        self.model_max_boxes = int(model_max_boxes or 0)
         self.normalizer = text_graph.QueryNormalizer(drop_leading_be)
         self.vocab_table = vocab_lib.lookup_table(list(vocab_tokens))
 
@@ -93,31 +193,66 @@ class ServingGraph:
         return tf.gather(token_ids, row_of), tf.gather(num_tokens, row_of)
 
     def encode_query(self, queries):
+        """Raw queries string [B] -> (states [B, T, D], pooled [B, E], num_tokens int32 [B])."""
         token_ids, num_tokens = self.query_inputs(queries)
         states, pooled = self.ranker.encode_query(token_ids, num_tokens, training=False)
         return states, pooled, num_tokens
 
     def encode_product(self, products: pg.Products):
+        """Preprocessed products -> (box states [B, N, D], pooled [B, E])."""
         states, pooled = self.ranker.encode_product(
             products.box_features, products.box_geometry, products.box_labels,
             products.num_boxes, training=False)
         return states, pooled
 
     def dense_products(self, fields: Dict[str, tf.Tensor]) -> pg.Products:
+        """Decoded request fields (boxes [B, N, 4], features [B, N, F], ...) -> Products."""
         return pg.process_dense_products(
             fields[pg.BOXES_FIELD], fields[pg.FEATURES_FIELD], fields[pg.LABELS_FIELD],
             fields[pg.NUM_BOXES_FIELD], fields[pg.IMAGE_H_FIELD], fields[pg.IMAGE_W_FIELD],
-            self.max_boxes, self.model_max_boxes)
+            self.max_boxes)
+
+    def list_outputs(self, first, embeddings, real, real_mask) -> Dict[str, tf.Tensor]:
+        """`rank`'s outputs from the model's outputs on the real candidates.
+
+        Args:
+          first: float [R] first-stage scores of the R real candidates.
+          embeddings: float [R, E] their product embeddings.
+          real: int64 [R, 1] their positions in the flattened [Q*C] lists.
+          real_mask: bool [Q, C], True for real candidates.
+        Returns:
+          {SCORES, FIRST_STAGE_SCORES: float32 [Q, C]}, PADDING_SCORE for padding.
+        """
+        list_shape = tf.shape(real_mask, out_type=tf.int64)                      # [2]: Q, C
+        flat_size = list_shape[:1] * list_shape[1:]                              # [1]: Q*C
+        first = tf.reshape(tf.scatter_nd(real, tf.cast(first, tf.float32), flat_size),
+                           list_shape)                                           # [Q, C]
+        first_stage = tf.where(real_mask, first, tf.fill(tf.shape(first),
+                                                         list_lib.PADDING_SCORE))
+        if self.list_stage is None:
+            scores = first_stage
+        else:
+            width = tf.shape(embeddings, out_type=tf.int64)[1:]                  # [1]: E
+            embeddings = tf.reshape(
+                tf.scatter_nd(real, tf.cast(embeddings, tf.float32),
+                              tf.concat([flat_size, width], 0)),
+                tf.concat([list_shape, width], 0))                               # [Q, C, E]
+            scores = list_lib.prf_scores(first, embeddings, real_mask, self.list_stage)
+        return {SCORES: tf.identity(scores, name=SCORES),
+                FIRST_STAGE_SCORES: tf.identity(first_stage, name=FIRST_STAGE_SCORES)}
 
     # --- signatures -----------------------------------------------------------------------
     def build(self) -> Dict[str, "tf.compat.v1.SignatureDef"]:
         """Creates the serving graph and returns the signature_def_map.
 
         The model is instantiated once. Signatures differ in where they feed it: `rank`
-        feeds placeholders [Q, C] that are flattened into row-aligned pairs; the pair
-        tensors (`pairs/*`) are the inputs of serving_default, embed_query and
-        embed_product; the decoded padded box tensors (`dense/*`) are the inputs of the
-        dense variants. A Session (TF Serving) or a pruned function (tf.saved_model.load)
+        feeds placeholders [Q, C] that are checked against each other, whose real
+        candidates (num_boxes != 0) are gathered into row-aligned pairs, and whose pair
+        scores and product embeddings are scattered back to [Q, C] for the list stage
+        (list_outputs); the pair tensors (`pairs/*`) are the inputs of serving_default,
+        embed_query and embed_product; the decoded padded box tensors and the ints
+        (`dense/*`) are the inputs of the dense variants. Each of these parts checks the
+        inputs it reads (check_inputs). A Session (TF Serving) or a pruned function (tf.saved_model.load)
         fed at an intermediate tensor skips everything upstream of it, so each signature
         runs only its own part, and the graph is a third of the size of one model copy
         per signature (which matters for tf.saved_model.load's pruning time).
@@ -125,55 +260,69 @@ class ServingGraph:
         ph = tf.compat.v1.placeholder
         info = tf.compat.v1.saved_model.utils.build_tensor_info
 
-        def sig(inputs, outputs):
+        def sig(inputs, outs, layouts):
+            """A SignatureDef whose inputs show their layouts' shapes (-1 for a letter)."""
+            input_infos = {}
+            for k, v in inputs.items():
+                input_infos[k] = info(v)
+                input_infos[k].tensor_shape.CopyFrom(tf.TensorShape(
+                    [d if isinstance(d, int) else None for d in layouts[k]]).as_proto())
             return tf.compat.v1.saved_model.signature_def_utils.build_signature_def(
-                inputs={k: info(v) for k, v in inputs.items()},
-                outputs={k: info(v) for k, v in outputs.items()},
+                inputs=input_infos, outputs={k: info(v) for k, v in outs.items()},
                 method_name=tf.saved_model.PREDICT_METHOD_NAME)
 
-        def entry(value, name, shape):
-            """A named, shaped identity: the tensor an inner signature is fed at."""
-            out = tf.identity(value, name=name)
-            out.set_shape(shape)
-            return out
+        def entry(value, name):
+            """The tensor an inner signature is fed at: a PlaceholderWithDefault of unknown
+            shape, so that any client may feed it any shape and meet the runtime checks
+            (check_inputs gives the checked tensor its static shape)."""
+            return tf.compat.v1.placeholder_with_default(value, shape=None, name=name)
 
-        # rank: Q queries x C candidates -> pairs.
+        # rank: Q queries x C candidates -> the real candidates' pairs (R of the Q*C).
         with tf.name_scope(RANK):
-            rank_query = ph(tf.string, [None], name=QUERY)
-            rank_fields = {f: ph(tf.string, [None, None], name=f) for f in PRODUCT_B64_FIELDS}
-            rank_fields.update({f: ph(tf.int64, [None, None], name=f)
-                                for f in PRODUCT_INT_FIELDS})
-            num_candidates = tf.shape(rank_fields[pg.NUM_BOXES_FIELD])[1]
-            check = tf.debugging.assert_equal(
-                tf.shape(rank_query)[0], tf.shape(rank_fields[pg.NUM_BOXES_FIELD])[0],
-                message="query: one query per row of the candidate fields expected")
-            with tf.control_dependencies([check]):
-                repeated_query = tf.repeat(rank_query, num_candidates)         # [Q*C]
-            flat = {k: tf.reshape(v, [-1]) for k, v in rank_fields.items()}   # [Q*C]
+            # Unshaped, as the entries below: the SignatureDef shows the layouts' shapes.
+            rank_query = ph(tf.string, None, name=QUERY)
+            rank_fields = {f: ph(tf.string, None, name=f) for f in PRODUCT_B64_FIELDS}
+            rank_fields.update({f: ph(tf.int64, None, name=f) for f in PRODUCT_INT_FIELDS})
+            rank_checked = check_inputs(dict(rank_fields, **{QUERY: rank_query}), LIST_LAYOUT)
+            checked_query = rank_checked.pop(QUERY)
+            list_shape = tf.shape(rank_checked[pg.NUM_BOXES_FIELD])                # [2]: Q, C
+            # Padding (num_boxes == 0) is left out before the model; a negative count is
+            # not padding and reaches the model's own check.
+            real_mask = tf.not_equal(rank_checked[pg.NUM_BOXES_FIELD], 0)         # [Q, C]
+            real = tf.where(tf.reshape(real_mask, [-1]))                           # [R, 1]
+            repeated_query = tf.gather_nd(tf.repeat(checked_query, list_shape[1]), real)  # [R]
+            flat = {k: tf.gather_nd(tf.reshape(v, [-1]), real)
+                    for k, v in rank_checked.items()}                              # [R]
 
         # Row-aligned pairs: serving_default, embed_query, embed_product feed here.
         with tf.name_scope("pairs"):
-            query = entry(repeated_query, QUERY, [None])
-            fields = {f: entry(flat[f], f, [None]) for f in PRODUCT_B64_FIELDS + PRODUCT_INT_FIELDS}
+            query = entry(repeated_query, QUERY)
+            fields = {f: entry(flat[f], f) for f in PRODUCT_B64_FIELDS + PRODUCT_INT_FIELDS}
 
-        # Decoded, padded boxes: the dense variants feed here.
+            # Each part checks the inputs it reads, so that a signature fed here is checked
+            # whichever parts it runs; the query's count is checked against the products'
+            # where the two meet (joined, below).
+            checked_pair_query = check_inputs({QUERY: query}, QUERY_LAYOUT)[QUERY]
+            checked_fields = check_inputs(fields, PAIR_LAYOUT)
+
+        # Decoded, padded boxes and the ints: the dense variants feed here.
         with tf.name_scope("decode"):
-            decoded = pg.decode_b64_boxes(
-                fields[pg.BOXES_FIELD], fields[pg.FEATURES_FIELD], fields[pg.LABELS_FIELD],
-                fields[pg.NUM_BOXES_FIELD], fields[pg.IMAGE_H_FIELD], fields[pg.IMAGE_W_FIELD])
+            decoded = pg.decode_b64_boxes(*(checked_fields[f] for f in PRODUCT_B64_FIELDS +
+                                            PRODUCT_INT_FIELDS))
         with tf.name_scope("dense"):
-            dense = {
-                pg.BOXES_FIELD: entry(decoded[0], pg.BOXES_FIELD,
-                                      [None, None, schema.BOX_COORDS]),
-                pg.FEATURES_FIELD: entry(decoded[1], pg.FEATURES_FIELD,
-                                         [None, None, schema.FEATURE_DIM]),
-                pg.LABELS_FIELD: entry(decoded[2], pg.LABELS_FIELD, [None, None]),
-            }
-        dense_inputs = dict(dense, **{f: fields[f] for f in PRODUCT_INT_FIELDS})
+            # The ints get entries of their own too: no tensor is checked by two
+            # check_inputs calls, whose equal check ops Grappler's common subexpression
+            # elimination would merge, losing one call's control dependencies.
+            dense_inputs = {f: entry(value, f) for f, value in zip(PRODUCT_B64_FIELDS, decoded)}
+            dense_inputs.update({f: entry(checked_fields[f], f) for f in PRODUCT_INT_FIELDS})
+        with tf.name_scope("dense_checks"):
+            checked_dense = check_inputs(dense_inputs, DENSE_LAYOUT)
+            joined = check_inputs({pg.NUM_BOXES_FIELD: checked_dense[pg.NUM_BOXES_FIELD],
+                                   QUERY: checked_pair_query}, JOIN_LAYOUT)
 
         with tf.name_scope("model") as model_scope:
-            products = self.dense_products(dense_inputs)
-            token_ids, num_tokens = self.query_inputs(query)
+            products = self.dense_products(checked_dense)
+            token_ids, num_tokens = self.query_inputs(checked_pair_query)
         # The model's inputs, named: fetching them measures the preprocessing alone, feeding
         # them the model alone (bench/serving.py), as schema.F_* features.
         with tf.name_scope(PREPROCESSED):
@@ -188,24 +337,31 @@ class ServingGraph:
             q_states, q_pooled = self.ranker.encode_query(token_ids, num_tokens,
                                                           training=False)
             p_states, p_pooled = self.encode_product(products)
-            out = self.ranker.score_pairs(q_states, num_tokens, q_pooled, p_states,
+            # The first op reading both a query and its product runs after the count check.
+            with tf.control_dependencies(list(joined.values())):
+                pair_q = [tf.identity(t) for t in (q_states, num_tokens, q_pooled)]
+            out = self.ranker.score_pairs(pair_q[0], pair_q[1], pair_q[2], p_states,
                                           products.num_boxes, p_pooled, training=False)
-            pair_outputs = {SCORE: tf.identity(out["score"], name=SCORE),
-                            CROSS_LOGIT: tf.identity(out["cross_logit"], name=CROSS_LOGIT),
-                            TOWER_SCORE: tf.identity(out["tower_score"], name=TOWER_SCORE)}
-            scores = tf.reshape(out["score"], [tf.shape(rank_query)[0], num_candidates],
-                                name=SCORES)
-            q_embedding = tf.identity(q_pooled, name="query_embedding")
-            p_embedding = tf.identity(p_pooled, name="product_embedding")
+            pair_outputs = {key: tf.identity(out[key], name=key) for key in PAIR_OUTPUTS}
+            q_embedding = tf.identity(q_pooled, name=outputs.QUERY_EMBEDDING)
+            p_embedding = tf.identity(p_pooled, name=outputs.PRODUCT_EMBEDDING)
             kept_boxes = tf.identity(products.num_boxes, name="kept_num_boxes")
 
+        with tf.name_scope(RANK + "_out"):
+            rank_outputs = self.list_outputs(out[outputs.SCORE], p_pooled, real, real_mask)
+
         pair_inputs = dict(fields, **{QUERY: query})
+        rank_inputs = dict(rank_fields, **{QUERY: rank_query})
+        query_fields = dict(PAIR_LAYOUT, **QUERY_LAYOUT)
+        dense_fields = dict(DENSE_LAYOUT, **QUERY_LAYOUT)
         return {
-            SERVING_DEFAULT: sig(pair_inputs, pair_outputs),
-            RANK: sig(dict(rank_fields, **{QUERY: rank_query}), {SCORES: scores}),
-            EMBED_QUERY: sig({QUERY: query}, {EMBEDDING: q_embedding, NUM_TOKENS: num_tokens}),
-            EMBED_PRODUCT: sig(fields, {EMBEDDING: p_embedding, NUM_BOXES: kept_boxes}),
-            SCORE_DENSE: sig(dict(dense_inputs, **{QUERY: query}), pair_outputs),
+            SERVING_DEFAULT: sig(pair_inputs, pair_outputs, query_fields),
+            RANK: sig(rank_inputs, rank_outputs, LIST_LAYOUT),
+            EMBED_QUERY: sig({QUERY: query}, {EMBEDDING: q_embedding, NUM_TOKENS: num_tokens},
+                             QUERY_LAYOUT),
+            EMBED_PRODUCT: sig(fields, {EMBEDDING: p_embedding, NUM_BOXES: kept_boxes},
+                               PAIR_LAYOUT),
+            SCORE_DENSE: sig(dict(dense_inputs, **{QUERY: query}), pair_outputs, dense_fields),
             EMBED_PRODUCT_DENSE: sig(dense_inputs, {EMBEDDING: p_embedding,
-                                                    NUM_BOXES: kept_boxes}),
+                                                    NUM_BOXES: kept_boxes}, DENSE_LAYOUT),
         }

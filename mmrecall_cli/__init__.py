@@ -1,7 +1,9 @@
 """`mmrecall`: one command, one subcommand per stage of the pipeline.
 
-Each subcommand lives in the module that owns its stage and exposes `main(argv)`; this
-file only dispatches, importing the stage lazily so `mmrecall --help` stays fast.
+Each subcommand exposes `main(argv)` in the module that owns its stage; a command that
+joins several packages lives here instead (`train`: the estimator's training loop with
+export's best-NDCG exporter, mmrecall_cli/train.py). This file only dispatches, importing
+the command's module by name when it runs so that `mmrecall --help` stays fast.
 """
 import importlib
 import os
@@ -12,11 +14,13 @@ SUBCOMMANDS = {
     "generate": ("data_prep.synth", "write a generated data set in the competition's exact format"),
     "prep": ("data_prep.prep", "competition TSV files -> validated, sharded TFRecords + vocabulary + word2vec"),
     "prep-merge": ("data_prep.merge", "merge per-machine prep outputs and train word2vec once"),
-    "train": ("estimator.train", "train_and_evaluate the ranker (NDCG@5 to TensorBoard)"),
+    "train": ("mmrecall_cli.train", "train_and_evaluate the ranker (NDCG@5 to TensorBoard)"),
     "cluster-local": ("estimator.cluster_local", "run `train` as a local TF_CONFIG cluster (chief, worker, ps, evaluator)"),
-    "export": ("export.export", "write a TF Serving SavedModel from a checkpoint"),
+    "export": ("export.export", "write a TF Serving SavedModel (with a fitted list stage)"),
     "rank": ("export.rank", "rank candidate lists with a SavedModel into the submission CSV"),
     "score": ("export.score", "score a submission CSV with NDCG@5 as the organiser did"),
+    "index": ("retrieval.index", "embed a catalogue with an export's product tower into a resumable index (ids, embeddings, ANN)"),
+    "search": ("retrieval.search", "retrieve a query's products from an index and rerank them with the export (or write the submission CSV)"),
 }
 
 
@@ -29,6 +33,7 @@ def _usage() -> str:
 
 
 def main(argv=None) -> int:
+    """`mmrecall <command> [options]`: runs the command's `main(options)`; its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

@@ -7,16 +7,23 @@ and benchmark code can be exercised in seconds, without training.
 import os
 
 import numpy as np
+import tensorflow as tf
+
+from data_prep import prep as prep_lib
+from data_prep import schema, synth
+from data_prep.manifest import PrepDir
+from estimator import network
+from estimator import input_fn as input_lib
+from estimator import train as train_lib
+from estimator.config import Config
 
 PREP_MAX_BOXES = 6
-MODEL_MAX_BOXES = 4   # below the prep cap, to exercise the input_fn's second cap
+MODEL_MAX_BOXES = 4   # below the prep cap, to exercise the input_fn's own cap
 
 
 def generate(out_dir: str, seed: int = 5, train_rows: int = 160, valid_queries: int = 5,
              test_queries: int = 2, candidates: int = 9) -> str:
     """Writes a small generated data set (competition format) and returns its directory."""
-    from data_prep import synth
-
     synth.generate(synth.SynthConfig(
         out_dir=out_dir, seed=seed, train_rows=train_rows, valid_queries=valid_queries,
         test_queries=test_queries, candidates=candidates, max_boxes_train=12,
@@ -26,8 +33,6 @@ def generate(out_dir: str, seed: int = 5, train_rows: int = 160, valid_queries: 
 
 def prep(gen_dir: str, out_dir: str, max_boxes: int = PREP_MAX_BOXES) -> str:
     """Runs `mmrecall prep` in-process on a generated set; returns the prep directory."""
-    from data_prep import prep as prep_lib
-
     status = prep_lib.main([
         "--out", out_dir, "--train", os.path.join(gen_dir, "train.tsv"),
         "--valid", os.path.join(gen_dir, "valid.tsv"),
@@ -39,29 +44,27 @@ def prep(gen_dir: str, out_dir: str, max_boxes: int = PREP_MAX_BOXES) -> str:
     return out_dir
 
 
-def tiny_config(prep_dir: str, **overrides):
+def tiny_config(prep_dir: PrepDir, **overrides) -> Config:
     """A small Config resolved against the prep directory (as `mmrecall train` does)."""
-    from estimator import config as config_lib
-    from estimator import train as train_lib
-
     values = dict(hidden_size=16, pooled_size=8, num_heads=2, intermediate_size=16,
                   box_hidden_size=16, geometry_hidden_size=8, matcher_hidden_size=8,
                   max_query_tokens=5, max_boxes=MODEL_MAX_BOXES, dropout=0.0,
                   eval_queries_per_batch=2, batch_size=8)
     values.update(overrides)
-    return train_lib.resolve_config(config_lib.Config.from_dict(values), prep_dir)
+    return train_lib.resolve_config(Config.from_dict(values), prep_dir)
 
 
-def random_checkpoint(model_dir: str, prep_dir: str, seed: int = 0, **overrides) -> str:
-    """Saves config.json and a randomly initialised checkpoint; returns the prefix."""
-    import tensorflow as tf
+def random_checkpoint(model_dir: str, prep_dir: PrepDir, seed: int = 0, **overrides) -> str:
+    """Saves config.json of tiny_config and a randomly initialised checkpoint; returns the
+    checkpoint prefix."""
+    return write_random_checkpoint(tiny_config(prep_dir, **overrides), model_dir,
+                                   len(prep_dir.vocab_tokens()), seed)
 
-    from estimator import input_fn as input_lib
-    from estimator import network
 
-    cfg = tiny_config(prep_dir, **overrides)
+def write_random_checkpoint(cfg: Config, model_dir: str, vocab_size: int, seed: int = 0) -> str:
+    """Saves `cfg` (resolved) as config.json and a randomly initialised Ranker of it as the
+    checkpoint at global step 1, as the Estimator names its variables; returns the prefix."""
     cfg.save(model_dir)
-    vocab_size = len(input_lib.vocab_tokens(prep_dir))
     with tf.Graph().as_default():
         tf.compat.v1.set_random_seed(seed)
         ranker = network.build_ranker(cfg, vocab_size)
@@ -73,26 +76,18 @@ def random_checkpoint(model_dir: str, prep_dir: str, seed: int = 0, **overrides)
             return saver.save(sess, os.path.join(model_dir, "model.ckpt"), global_step=1)
 
 
-def estimator_predictions(model_dir: str, prep_dir: str, split: str = "valid"):
+def estimator_predictions(model_dir: str, prep_dir: PrepDir, split: str = "valid"):
     """{(query_id, product_id): prediction dict} from the Estimator's own predict path."""
-    import tensorflow as tf
-
-    from estimator import config as config_lib
-    from estimator import input_fn as input_lib
-    from estimator import train as train_lib
-
-    cfg = config_lib.Config.load(model_dir)
+    cfg = Config.load(model_dir)
     estimator = train_lib.build_estimator(cfg, model_dir, prep_dir, with_embeddings=False)
-    input_fn = input_lib.input_fn_builder(cfg, input_lib.split_files(prep_dir, split),
-                                          tf.estimator.ModeKeys.PREDICT, data_dir=prep_dir)
+    input_fn = input_lib.input_fn_builder(cfg, prep_dir.split_files(split),
+                                          tf.estimator.ModeKeys.PREDICT, prep_dir)
     return {(int(p["query_id"]), int(p["product_id"])): p
             for p in estimator.predict(input_fn, yield_single_examples=True)}
 
 
 def tsv_rows(path: str):
     """[(values dict of the TSV columns as strings)] of a competition TSV."""
-    from data_prep import schema
-
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\n").split("\t")
         assert tuple(header) == schema.TSV_COLUMNS
@@ -101,7 +96,7 @@ def tsv_rows(path: str):
 
 def request(rows, fields=("query", "boxes", "features", "class_labels", "num_boxes",
                           "image_h", "image_w")):
-    """serving_default inputs (numpy) for TSV rows."""
+    """serving_default inputs (numpy) for TSV rows: string [P] or int64 [P] per field."""
     out = {}
     for f in fields:
         if f in ("num_boxes", "image_h", "image_w"):

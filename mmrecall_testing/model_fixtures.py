@@ -14,8 +14,10 @@ import os
 from typing import Dict, Optional
 
 import numpy as np
+import tensorflow as tf
 
-from data_prep import schema, text
+from data_prep import geometry, schema, text
+from estimator.config import Config
 
 COLOURS = ["red", "blue", "green", "black", "white", "pink"]
 TYPES = ["dress", "shoe", "bag", "shirt", "lamp", "sofa"]
@@ -25,8 +27,6 @@ FILLERS = ["new", "style", "fashion", "ms", "summer"]
 
 def tiny_config(**overrides):
     """A Config small enough for unit tests (width 24, one layer each)."""
-    from estimator.config import Config
-
     values = dict(hidden_size=24, pooled_size=16, num_heads=4, intermediate_size=32,
                   box_hidden_size=32, geometry_hidden_size=8, matcher_hidden_size=16,
                   text_layers=1, box_layers=1, cross_layers=1, word_embedding_size=8,
@@ -64,8 +64,6 @@ class World:
         boxes = np.stack([tops, lefts, tops + rng.uniform(50, 399, n),
                           lefts + rng.uniform(50, 399, n)], 1).astype(np.float32)
         boxes = np.round(boxes)
-        from data_prep import geometry
-
         geo = geometry.relative_geometry(boxes, h, w)
         feats = np.zeros((n, schema.FEATURE_DIM), np.float32)
         labels = np.full([n], 28, np.int64)
@@ -98,8 +96,6 @@ def write_prep_dir(path: str, num_train: int = 400, num_valid_queries: int = 12,
 
     Valid/test shards hold whole queries (rows of a query contiguous, never split).
     """
-    import tensorflow as tf
-
     rng = np.random.RandomState(seed)
     world = World(seed)
     os.makedirs(path, exist_ok=True)

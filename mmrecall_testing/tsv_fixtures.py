@@ -1,6 +1,11 @@
-"""Small competition-format TSVs for the data_prep tests, built with tsv.encode_row."""
+"""Small competition-format TSVs for the data_prep tests, built with tsv.encode_row, and
+the kill-and-resume helpers of the prep fault tests (tests/faults_test.py, bench/faults.py)."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -85,6 +90,127 @@ def read_dir_bytes(root: str, subdirs=("train", "valid", "test")) -> Dict[str, b
                 with open(os.path.join(directory, name), "rb") as f:
                     out[f"{sub}/{name}"] = f.read()
     return out
+
+
+def dir_files(root: str, skip_temporaries: bool = False) -> Dict[str, bytes]:
+    """{path relative to root: bytes} of every file under root.
+
+    Args:
+      skip_temporaries: leave out hidden files (a run's temporaries are ".name.tmp-*").
+    """
+    out = {}
+    for base, _, names in os.walk(root):
+        for name in names:
+            if skip_temporaries and name.startswith("."):
+                continue
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+def temporaries(root: str) -> List[str]:
+    """Relative paths of the temporary files (data_prep.shards.tmp_name) under root."""
+    return sorted(os.path.relpath(os.path.join(base, name), root)
+                  for base, _, names in os.walk(root) for name in names if ".tmp-" in name)
+
+
+def comparable(files: Dict[str, bytes]) -> Dict[str, bytes]:
+    """The entries of dir_files() a resumed prep must reproduce byte for byte: shards,
+    sidecars, rejects, vocabulary, word2vec vectors and the manifest (not temporaries, nor
+    the gensim model pickle, which every finalize rewrites)."""
+    return {k: v for k, v in files.items()
+            if not os.path.basename(k).startswith(".") and not k.startswith("word2vec.model")}
+
+
+def run_prep_killed(argv: Sequence[str], delay_s: float, cwd: str) -> bool:
+    """Runs `python -m data_prep.prep ARGV` and SIGKILLs its process group after delay_s.
+
+    Args:
+      argv: the prep's arguments.
+      delay_s: seconds after the start at which to kill it.
+      cwd: the repository root (so that the project imports resolve).
+    Returns:
+      True when the kill landed before prep finished on its own.
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep.prep", *argv], cwd=cwd,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=delay_s)
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+def run_prep(argv: Sequence[str], cwd: str) -> float:
+    """Runs `python -m data_prep.prep ARGV` to completion; returns its wall seconds.
+
+    Raises:
+      RuntimeError: prep failed (its stderr in the message).
+    """
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "data_prep.prep", *argv], cwd=cwd,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"prep exited {done.returncode}: {done.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def kill_and_resume(argv: Sequence[str], out: str, delays_s: Sequence[float],
+                    reference: Dict[str, bytes], cwd: str) -> List[str]:
+    """One fault-injection case: prep into `out`, SIGKILLed after each of delays_s in turn
+    (each a fresh start that resumes the last), then run to completion.
+
+    Args:
+      argv: the prep's arguments (with --out out).
+      out: the output directory.
+      delays_s: kill moments, seconds after each start.
+      reference: comparable(dir_files()) of an uninterrupted run with the same inputs.
+      cwd: the repository root.
+    Returns:
+      What differs from the reference ([] when the resumed output is byte-identical and no
+      temporary file is left).
+    """
+    for delay in delays_s:
+        run_prep_killed(argv, delay, cwd)
+    run_prep(argv, cwd)
+    got = comparable(dir_files(out))
+    problems = [f"{name}: differs" for name in sorted(set(got) & set(reference))
+                if got[name] != reference[name]]
+    problems += [f"{name}: missing" for name in sorted(set(reference) - set(got))]
+    problems += [f"{name}: unexpected" for name in sorted(set(got) - set(reference))]
+    problems += [f"{name}: temporary left" for name in temporaries(out)]
+    return problems
+
+
+def prep_inputs(directory: str, seed: int, num_train: int = 40, queries: int = 6
+                ) -> Dict[str, str]:
+    """train/valid(+answers)/test TSVs with a few bad rows, for whole-prep runs.
+
+    Returns:
+      {"train", "valid", "answers", "test"}: file paths under directory.
+    """
+    train = [line(r) for r in train_rows(seed, num_train)]
+    train.insert(3, with_field(train[3], "boxes", "@@"))
+    valid_rows = grouped_rows(seed + 1, num_queries=queries, per_query=5)
+    test_rows = grouped_rows(seed + 2, num_queries=queries, per_query=4, first_id=104_000_000)
+    return {
+        "train": write_tsv(os.path.join(directory, "train.tsv"), train),
+        "valid": write_tsv(os.path.join(directory, "valid.tsv"), [line(r) for r in valid_rows]),
+        "answers": write_answers(os.path.join(directory, "valid_answer.json"),
+                                 answers_for(valid_rows)),
+        "test": write_tsv(os.path.join(directory, "test.tsv"), [line(r) for r in test_rows]),
+    }
+
+
+def prep_argv(inputs: Dict[str, str], out: str, *extra: str) -> List[str]:
+    """`mmrecall prep` arguments for prep_inputs(), small shards, no progress bar."""
+    return ["--out", out, "--train", inputs["train"], "--valid", inputs["valid"],
+            "--valid-answers", inputs["answers"], "--test", inputs["test"],
+            "--rows-per-shard", "4", "--embedding-dim", "8", "--no-progress", *extra]
 
 
 def with_field(text_line: str, column: str, value: str) -> str:

@@ -6,6 +6,7 @@ import pytest
 
 from estimator import train
 from estimator.config import CONFIG_FILE, Config
+from mmrecall_cli import train as train_cli
 
 
 def test_json_round_trip_keeps_every_field(tmp_path):
@@ -28,7 +29,8 @@ def test_overrides_parse_json_and_fall_back_to_strings():
 
 
 @pytest.mark.parametrize("bad", [
-    ["no_such_key=1"], ["sampler=nearest"], ["loss_weights={\"focal\": 1}"],
+    ["no_such_key=1"], ["sampler=nearest"], ["loss_weights={\"hinge\": 1}"],
+    ["pooling=max"], ["region_features=sqrt"], ["focal_gamma=-1"],
     ["hidden_size=30", "num_heads=4"], ["serving_score=max"], ["temperature=0"],
     ['loss_weights={"softmax": 0}'], ["novalue"], ["distribute=horovod"],
     ['distribute_devices=["/gpu:0"]'], ["distribute=mirrored", "distribute_devices=/gpu:0"],
@@ -44,8 +46,8 @@ def test_cli_precedence_defaults_model_dir_file_set_steps(tmp_path):
     Config(hidden_size=32, learning_rate=0.5, batch_size=8).save(str(model_dir))
     file_cfg = tmp_path / "f.json"
     file_cfg.write_text(json.dumps({"learning_rate": 0.25, "train_steps": 9}))
-    args = train.parse_args(["--data", "x", "--model-dir", str(model_dir), "--config",
-                             str(file_cfg), "--set", "batch_size=4", "--steps", "11"])
+    args = train_cli.parse_args(["--data", "x", "--model-dir", str(model_dir), "--config",
+                                 str(file_cfg), "--set", "batch_size=4", "--steps", "11"])
     cfg = train.config_from_args(args)
     assert cfg.hidden_size == 32          # from the existing model dir
     assert cfg.learning_rate == 0.25      # --config beats the model dir
@@ -64,3 +66,26 @@ def test_distribute_fields_and_strategy():
     run = train.run_config(cfg, "m")
     assert run.train_distribute is run.eval_distribute
     assert run.train_distribute.num_replicas_in_sync == 1
+
+
+def test_knob_defaults_and_values():
+    cfg = Config()
+    assert (cfg.pooling, cfg.region_features, cfg.focal_gamma) == ("attention", "log1p", 2.0)
+    cfg = Config().with_overrides(["pooling=mean", "region_features=raw", "focal_gamma=0.5",
+                                   'loss_weights={"focal": 1.0}'])
+    assert (cfg.pooling, cfg.region_features, cfg.focal_gamma) == ("mean", "raw", 0.5)
+    assert Config.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("serving_score,loss_weights,uses_matcher", [
+    ("sum", {"log_loss": 1.0, "softmax": 1.0}, True),    # the default
+    ("tower", {"softmax": 1.0}, False),                  # towers only
+    ("tower", {"softmax": 1.0, "log_loss": 0.0}, False),  # a zero weight is no loss
+    ("tower", {"softmax": 1.0, "focal": 0.1}, True),     # a cross loss needs the matcher
+    ("tower", {"softmax": 1.0, "cross_softmax": 1.0}, True),
+    ("cross", {"softmax": 1.0}, True),                   # a served cross logit needs it
+    ("sum", {"softmax": 1.0}, True),
+])
+def test_uses_matcher(serving_score, loss_weights, uses_matcher):
+    cfg = Config(serving_score=serving_score, loss_weights=loss_weights)
+    assert cfg.uses_matcher is uses_matcher

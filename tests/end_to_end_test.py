@@ -1,5 +1,5 @@
 """End to end from the command line, as a user runs it:
-generate -> prep -> train a few steps -> export -> rank -> score."""
+generate -> prep -> train a few steps -> export (list stage fitted) -> rank -> score."""
 import json
 import os
 import subprocess
@@ -32,8 +32,11 @@ def test_generate_prep_train_export_rank_score(tmp_path):
     out = _run(["export", "--model-dir", "model", "--data", "prep", "--export-dir", "export",
                 "--warmup-tsv", "gen/valid.tsv"],
                root)
-    version = os.path.join(root, out.stdout.strip().splitlines()[-1])
+    printed = out.stdout.strip().splitlines()
+    version = os.path.join(root, printed[-1])
     assert os.path.basename(version).isdigit() and os.path.isdir(version)
+    # The list stage was fitted on the 4 valid lists (the prep has answers for them).
+    assert printed[-2].startswith("list stage: ") and "4 valid lists" in printed[-2]
     assert os.path.exists(os.path.join(version, "assets.extra", "tf_serving_warmup_requests"))
 
     _run(["rank", "--model", "export", "--input", "gen/valid.tsv", "--out", "submission.csv",
@@ -53,6 +56,13 @@ def test_generate_prep_train_export_rank_score(tmp_path):
                    "--submission", "submission.csv"], root)
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["queries"] == 4 and 0.0 <= metrics["ndcg@5"] <= 1.0
+
+    # The test lists, ranked by the first stage alone, scored with the generated answers.
+    _run(["rank", "--model", "export", "--input", "gen/testB.tsv", "--out", "test.csv",
+          "--first-stage"], root)
+    result = _run(["score", "--answers", "gen/testB_answer.json", "--submission", "test.csv"],
+                  root)
+    assert json.loads(result.stdout.strip().splitlines()[-1])["queries"] == 2
 
     # A malformed submission fails with a clear message.
     with open(os.path.join(root, "bad.csv"), "w") as f:

@@ -1,6 +1,8 @@
 """The SavedModel export: equal to the Estimator's predictions, loadable by a process that
 imports only tensorflow and tensorflow_text, servable (ops, warm-up, no loose files), and
-strict about bad requests."""
+strict about bad requests. `rank` with a list stage: padding left out and never leaking,
+lists of 1..C candidates, shapes checked against each other, scores equal to the list
+stage's numpy twin on the Estimator's first-stage scores and embeddings."""
 import base64
 import json
 import os
@@ -14,8 +16,14 @@ import tensorflow as tf
 import tensorflow_text  # noqa: F401  (the graph's NormalizeUTF8 op)
 
 from data_prep import schema
-from export import export as export_lib
+from data_prep.manifest import PrepDir
+from estimator import list_stage as list_lib
+from estimator.config import Config
+from export import best_exporter
+from export import list_fit
+from export import saved_model
 from export import signatures as sig_lib
+from export import warmup
 from mmrecall_testing import export_fixtures as fx
 
 TOL = 1e-5
@@ -26,12 +34,15 @@ def world(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("export"))
     gen = fx.generate(os.path.join(root, "gen"))
     prep = fx.prep(gen, os.path.join(root, "prep"))
+    prep_dir = PrepDir(prep)
     model_dir = os.path.join(root, "model")
-    fx.random_checkpoint(model_dir, prep)
-    path = export_lib.export_saved_model(model_dir, prep, os.path.join(root, "export"))
-    return dict(root=root, gen=gen, prep=prep, model_dir=model_dir, path=path,
-                loaded=tf.saved_model.load(path),
-                predictions=fx.estimator_predictions(model_dir, prep),
+    fx.random_checkpoint(model_dir, prep_dir)
+    # No list stage here: `rank`'s scores are the first stage's, as the Estimator's.
+    path = saved_model.export_saved_model(model_dir, prep_dir, os.path.join(root, "export"),
+                                          list_stage=list_fit.OFF)
+    return dict(root=root, gen=gen, prep=prep, prep_dir=prep_dir, model_dir=model_dir,
+                path=path, loaded=tf.saved_model.load(path),
+                predictions=fx.estimator_predictions(model_dir, prep_dir),
                 rows=fx.tsv_rows(os.path.join(gen, "valid.tsv")))
 
 
@@ -56,17 +67,40 @@ def test_version_directory_layout(world):
     assert not [d for d in os.listdir(os.path.dirname(world["path"])) if d.startswith("temp-")]
 
 
+def test_serving_box_cap_is_the_smaller_of_prep_and_model_caps(world):
+    # Prep keeps its 6 largest boxes, the input_fn the 4 largest of those: the 4 largest.
+    spec, model_cfg = saved_model.export_spec(Config.load(world["model_dir"]),
+                                              world["prep_dir"])
+    assert (spec.prep_max_boxes, spec.model_max_boxes) == (fx.PREP_MAX_BOXES,
+                                                           fx.MODEL_MAX_BOXES)
+    assert spec.max_boxes == fx.MODEL_MAX_BOXES
+    assert model_cfg.word_embedding_size == world["prep_dir"].embedding_dim
+    # A model cap above prep's leaves prep's.
+    wide = Config.from_dict({"max_boxes": 10}, Config.load(world["model_dir"]))
+    assert saved_model.export_spec(wide, world["prep_dir"])[0].max_boxes == fx.PREP_MAX_BOXES
+    with open(os.path.join(world["path"], "assets.extra", saved_model.METADATA_FILE)) as f:
+        metadata = json.load(f)
+    assert (metadata["max_boxes"], metadata["model_max_boxes"]) == (fx.PREP_MAX_BOXES,
+                                                                     fx.MODEL_MAX_BOXES)
+
+
 def test_signatures_and_dtypes(world):
     sigs = world["loaded"].signatures
     assert set(sigs) == set(sig_lib.ALL_SIGNATURES)
     specs = sigs["serving_default"].structured_input_signature[1]
     assert specs["query"].dtype == tf.string and specs["boxes"].dtype == tf.string
-    assert specs["num_boxes"].dtype == tf.int64 and specs["query"].shape.as_list() == [None]
-    rank = sigs["rank"].structured_input_signature[1]
-    assert rank["features"].shape.as_list() == [None, None]
-    dense = sigs["score_dense"].structured_input_signature[1]
-    assert dense["features"].shape.as_list() == [None, None, schema.FEATURE_DIM]
-    assert dense["features"].dtype == tf.float32
+    assert specs["num_boxes"].dtype == tf.int64
+    assert sigs["score_dense"].structured_input_signature[1]["features"].dtype == tf.float32
+    # The SignatureDef (what TF Serving's metadata API shows) documents the layouts; the
+    # graph tensors are unshaped and checked at run time.
+    _, meta = _session(world["path"])
+
+    def shape(signature, key):
+        return tf.TensorShape(meta.signature_def[signature].inputs[key].tensor_shape).as_list()
+
+    assert shape("serving_default", "query") == [None]
+    assert shape("rank", "features") == [None, None]
+    assert shape("score_dense", "features") == [None, None, schema.FEATURE_DIM]
 
 
 def test_serving_default_equals_estimator_predict(world):
@@ -301,19 +335,340 @@ def test_rank_rejects_query_count_mismatch(world):
     rows = world["rows"][:2]
     inputs = {k: v[None] for k, v in fx.request(rows).items() if k != "query"}
     inputs["query"] = np.array([b"red dress", b"blue shoe"], dtype=object)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="query: one query per row"):
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r"query: shape \(Q\) expected \(Q as in num_boxes\)"):
         _call(world, "rank", inputs)
+
+
+# ---------------------------------------------------------------------------------------
+# Every other signature checks its inputs' ranks and shapes against each other first.
+# Their inputs have no static shape, so a Python Session client feeds them anything, as a
+# gRPC or REST client may (tf.saved_model.load's functions check the SignatureDef shapes
+# in Python first).
+
+@pytest.fixture(scope="module")
+def served(world):
+    sess, meta = _session(world["path"])
+    yield sess, meta
+    sess.close()
+
+
+def _run_signature(served, signature, inputs):
+    sess, meta = served
+    sig = meta.signature_def[signature]
+    feed = {sess.graph.get_tensor_by_name(sig.inputs[k].name): v for k, v in inputs.items()}
+    return sess.run({k: sess.graph.get_tensor_by_name(v.name) for k, v in sig.outputs.items()},
+                    feed)
+
+
+def _pair_inputs(world, signature):
+    rows = world["rows"][:3]
+    dense = signature in (sig_lib.SCORE_DENSE, sig_lib.EMBED_PRODUCT_DENSE)
+    inputs = _dense(rows) if dense else fx.request(rows)
+    if signature in (sig_lib.EMBED_PRODUCT, sig_lib.EMBED_PRODUCT_DENSE):
+        inputs.pop("query")
+    if signature == sig_lib.EMBED_QUERY:
+        inputs = {"query": inputs["query"]}
+    return inputs
+
+
+def _2_32_plus(v):
+    v = v.copy()
+    v[0] += 2 ** 32             # int32 would read it as v[0] boxes, a valid count
+    return v
+
+
+# (signature, field, change, expected message). Before the checks: "model/mul_2:
+# Incompatible shapes: [3,1] vs. [4,1]", "decode/Equal_1: Incompatible shapes",
+# "Unique: unique expects a 1D vector", attention MatMul batch mismatches, ... (no field),
+# a transposed dense `boxes` reported as a class_labels box-dimension problem without the
+# shapes, and 2**32 + n boxes scored as n boxes.
+BAD_SHAPES = [
+    (sig_lib.SERVING_DEFAULT, "query", lambda v: v[:2], "query: shape (B) expected (B as in "
+     "num_boxes); shapes of query, num_boxes: [2] [3]"),
+    (sig_lib.SERVING_DEFAULT, "image_w", lambda v: np.concatenate([v, v[:1]]),
+     "image_w: shape (B) expected (B as in num_boxes); shapes of image_w, num_boxes: [4] [3]"),
+    (sig_lib.SERVING_DEFAULT, "boxes", lambda v: v[:2], "boxes: shape (B) expected"),
+    (sig_lib.SERVING_DEFAULT, "num_boxes", lambda v: v[None],
+     "num_boxes: rank 1 expected (B), got shape [1 3]"),
+    (sig_lib.SERVING_DEFAULT, "query", lambda v: v[0], "query: rank 1 expected (B), got shape []"),
+    (sig_lib.SERVING_DEFAULT, "num_boxes", _2_32_plus, "num_boxes: must be <= 2147483647"),
+    (sig_lib.EMBED_QUERY, "query", lambda v: v[:, None],
+     "query: rank 1 expected (B), got shape [3 1]"),
+    (sig_lib.EMBED_PRODUCT, "image_h", lambda v: v[:2], "image_h: shape (B) expected (B as in "
+     "num_boxes); shapes of image_h, num_boxes: [2] [3]"),
+    (sig_lib.EMBED_PRODUCT, "features", lambda v: v[:, None], "features: rank 1 expected"),
+    (sig_lib.EMBED_PRODUCT, "num_boxes", _2_32_plus, "num_boxes: must be <= 2147483647"),
+    (sig_lib.SCORE_DENSE, "features", lambda v: np.ascontiguousarray(v.transpose(0, 2, 1)),
+     "features: shape (B, N, 2048) expected (B as in num_boxes, N as in boxes); shapes of "
+     "features, num_boxes, boxes: [3 2048 5] [3] [3 5 4]"),
+    (sig_lib.SCORE_DENSE, "class_labels", lambda v: v[:, :-1], "class_labels: shape (B, N) "
+     "expected (B as in num_boxes, N as in boxes); shapes of class_labels, num_boxes, boxes: "
+     "[3 4] [3] [3 5 4]"),
+    (sig_lib.SCORE_DENSE, "query", lambda v: v[:2], "query: shape (B) expected"),
+    (sig_lib.SCORE_DENSE, "boxes", lambda v: np.concatenate([v, v[..., :1]], 2),
+     "boxes: shape (B, N, 4) expected (B as in num_boxes); shapes of boxes, num_boxes: "
+     "[3 5 5] [3]"),
+    (sig_lib.SCORE_DENSE, "num_boxes", _2_32_plus, "num_boxes: "),
+    (sig_lib.EMBED_PRODUCT_DENSE, "class_labels", lambda v: v[..., None],
+     "class_labels: rank 2 expected (B, N), got shape [3 5 1]"),
+    (sig_lib.EMBED_PRODUCT_DENSE, "image_w", lambda v: v[:2], "image_w: shape (B) expected"),
+]
+
+
+@pytest.mark.parametrize("signature, field, change, expected", BAD_SHAPES,
+                         ids=[f"{s}-{f}-{i}" for i, (s, f, _, _) in enumerate(BAD_SHAPES)])
+def test_signatures_refuse_inconsistent_inputs_naming_the_field(world, served, signature,
+                                                                field, change, expected):
+    from export import rank
+
+    inputs = _pair_inputs(world, signature)
+    _run_signature(served, signature, inputs)                    # valid as sent
+    inputs[field] = change(inputs[field])
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        _run_signature(served, signature, inputs)
+    assert rank.field_message(err.value.message).startswith(expected), err.value.message
+
+
+def test_transposed_dense_boxes_name_a_field_and_the_shapes(world, served):
+    # Which of the disagreeing fields is reported is up to the executor; each names itself
+    # and prints its shape and the shapes it was compared with.
+    from export import rank
+
+    inputs = _pair_inputs(world, sig_lib.SCORE_DENSE)
+    inputs["boxes"] = np.ascontiguousarray(inputs["boxes"].transpose(1, 0, 2))   # [N, B, 4]
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        _run_signature(served, sig_lib.SCORE_DENSE, inputs)
+    message = rank.field_message(err.value.message)
+    assert message.split(":")[0] in ("boxes", "features", "class_labels"), message
+    assert "[5 3 4]" in message, message
+
+
+# ---------------------------------------------------------------------------------------
+# `rank`: padding, list stage, shape checks.
+
+PRF = list_lib.PrfParams(weight=2.0, m=3, iterations=2)
+PRODUCT_FIELDS = sig_lib.PRODUCT_B64_FIELDS + sig_lib.PRODUCT_INT_FIELDS
+
+
+@pytest.fixture(scope="module")
+def listed(world):
+    """The world's model exported by `mmrecall export` with a PRF list stage from a file."""
+    import contextlib
+    import io
+
+    from export import export as export_cli
+
+    params_file = os.path.join(world["root"], "prf.json")
+    with open(params_file, "w") as f:
+        json.dump(PRF.to_dict(), f)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert export_cli.main(["--model-dir", world["model_dir"], "--data", world["prep"],
+                                "--export-dir", os.path.join(world["root"], "export_prf"),
+                                "--list-stage", params_file]) == 0
+    printed = stdout.getvalue().splitlines()
+    sess, meta = _session(printed[-1])
+    yield dict(path=printed[-1], printed=printed, sess=sess, meta=meta)
+    sess.close()
+
+
+def _groups(world):
+    """The valid rows by query, in file order: [[row dict]]."""
+    by_query = {}
+    for r in world["rows"]:
+        by_query.setdefault(r["query_id"], []).append(r)
+    return list(by_query.values())
+
+
+def _list_fields(rows):
+    """One list's fields {field: [C] values} for rank.pad_lists."""
+    return {k: [int(r[k]) if k in sig_lib.PRODUCT_INT_FIELDS else r[k].encode() for r in rows]
+            for k in PRODUCT_FIELDS + (sig_lib.QUERY,)}
+
+
+def _rank_session(listed, inputs):
+    sig = listed["meta"].signature_def[sig_lib.RANK]
+    graph = listed["sess"].graph
+    feed = {graph.get_tensor_by_name(sig.inputs[k].name): v for k, v in inputs.items()}
+    fetch = {k: graph.get_tensor_by_name(v.name) for k, v in sig.outputs.items()}
+    return listed["sess"].run(fetch, feed)
+
+
+def test_rank_without_list_stage_serves_first_stage_scores_and_pads(world):
+    from export import rank
+
+    groups = _groups(world)
+    lists = [groups[0][:3], groups[1][:5], groups[2][:1]]       # C = 5, padded
+    out = _call(world, sig_lib.RANK, rank.pad_lists([_list_fields(l) for l in lists]))
+    np.testing.assert_array_equal(out[sig_lib.SCORES], out[sig_lib.FIRST_STAGE_SCORES])
+    assert out[sig_lib.SCORES].shape == (3, 5)
+    for q, rows in enumerate(lists):
+        np.testing.assert_allclose(out[sig_lib.SCORES][q, :len(rows)],
+                                   _expected(world, rows, "score"), rtol=0, atol=TOL)
+        assert (out[sig_lib.SCORES][q, len(rows):] == list_lib.PADDING_SCORE).all()
+    with open(os.path.join(world["path"], "assets.extra", saved_model.METADATA_FILE)) as f:
+        assert json.load(f)["list_stage"] == {"mode": "off", "params": None}
+
+
+def test_export_records_and_prints_the_list_stage(listed):
+    with open(os.path.join(listed["path"], "assets.extra", saved_model.METADATA_FILE)) as f:
+        record = json.load(f)["list_stage"]
+    assert record["mode"] == "file" and record["params"] == PRF.to_dict()
+    assert listed["printed"][-2].startswith("list stage: PRF")
+    assert os.path.basename(listed["printed"][-1]).isdigit()
+    # A params file may be an earlier export's metadata.
+    assert list_fit.load_params(os.path.join(listed["path"], "assets.extra",
+                                             saved_model.METADATA_FILE)) == PRF
+
+
+def test_rank_list_stage_equals_the_numpy_twin_for_lists_of_1_to_c(world, listed):
+    from export import rank
+
+    group = max(_groups(world), key=len)
+    c = len(group)
+    lists = [group[:n] for n in range(1, c + 1)]                 # Q = C lists, 1..C long
+    out = _rank_session(listed, rank.pad_lists([_list_fields(l) for l in lists]))
+    mask = np.arange(c)[np.newaxis, :] < np.arange(1, c + 1)[:, np.newaxis]     # [Q, C]
+    first = np.zeros([c, c])
+    emb = np.zeros([c, c, len(_expected(world, group[:1], "product_embedding")[0])])
+    for q, rows in enumerate(lists):
+        first[q, :q + 1] = _expected(world, rows, "score")
+        emb[q, :q + 1] = np.stack(_expected(world, rows, "product_embedding"))
+    np.testing.assert_allclose(np.where(mask, out[sig_lib.FIRST_STAGE_SCORES], 0.0),
+                               np.where(mask, first, 0.0), rtol=0, atol=TOL)
+    expected = list_lib.prf_scores_numpy(first, emb, mask, PRF)
+    np.testing.assert_allclose(out[sig_lib.SCORES], expected, rtol=0, atol=1e-4)
+    assert np.ptp(expected[-1]) > 0.1            # a real re-scoring, not a constant
+    assert np.abs(np.argsort(-expected[-1]) - np.argsort(-first[-1])).max() > 0
+    # Each list alone (C = its length, C = 1 included) scores as inside the padded batch.
+    for q, rows in enumerate(lists):
+        alone = _rank_session(listed, rank.pad_lists([_list_fields(rows)]))[sig_lib.SCORES]
+        np.testing.assert_allclose(alone[0], out[sig_lib.SCORES][q, :q + 1], rtol=0, atol=1e-4)
+
+
+def test_rank_padding_never_leaks_into_real_scores(world, listed):
+    from export import rank
+
+    rows = _groups(world)[0][:4]
+    padded = rank.pad_lists([_list_fields(rows), _list_fields(rows[:2])])    # list 1 padded
+    base = _rank_session(listed, padded)
+    junk = {k: v.copy() for k, v in padded.items()}
+    junk["boxes"][1, 2:] = b"not base64!"
+    junk["features"][1, 2:] = rows[0]["features"].encode()
+    junk["image_h"][1, 2:] = 5
+    junk["image_w"][1, 2:] = -3
+    changed = _rank_session(listed, junk)
+    for key in (sig_lib.SCORES, sig_lib.FIRST_STAGE_SCORES):
+        np.testing.assert_array_equal(changed[key], base[key])
+        assert (base[key][1, 2:] == list_lib.PADDING_SCORE).all()
+    # A real candidate with num_boxes 0 is padding too, so it cannot move list 0's others.
+    alone = _rank_session(listed, rank.pad_lists([_list_fields(rows[:2])]))
+    np.testing.assert_allclose(base[sig_lib.SCORES][1, :2], alone[sig_lib.SCORES][0], rtol=0,
+                               atol=1e-5)
+
+
+def test_rank_list_stage_changes_nothing_for_identical_candidates(world, listed):
+    from export import rank
+
+    rows = [_groups(world)[0][1]] * 5
+    out = _rank_session(listed, rank.pad_lists([_list_fields(rows)]))
+    first, scores = out[sig_lib.FIRST_STAGE_SCORES][0], out[sig_lib.SCORES][0]
+    # The model's float rounding may differ by a row's position in the batch; the list
+    # stage treats such a list as flat: every candidate gets exactly the same score.
+    assert np.ptp(first) < 1e-5 and np.ptp(scores) == 0
+    ids = list(range(5))
+    assert rank.top_k(ids, scores) == ids           # ties keep file order
+
+
+def _rank_inputs(world, q=2, c=3):
+    from export import rank
+
+    groups = _groups(world)
+    return rank.pad_lists([_list_fields(g[:c]) for g in groups[:q]])
+
+
+@pytest.mark.parametrize("field, change, shapes", [
+    ("features", lambda v: v.T.copy(), "[3 2] [2 3]"),                     # transposed
+    ("image_h", lambda v: np.concatenate([v, v[:, :1]], 1), "[2 4] [2 3]"),  # C + 1
+    ("class_labels", lambda v: v[:, :2].copy(), "[2 2] [2 3]"),            # C - 1
+    ("num_boxes", lambda v: v.T.copy(), "[3 2] [2 3]"),   # the reference itself
+    ("query", lambda v: v[:1].copy(), "[1] [2 3]"),
+])
+def test_rank_refuses_inconsistent_shapes_naming_the_field(world, field, change, shapes):
+    from export import rank
+
+    inputs = _rank_inputs(world)
+    inputs[field] = change(inputs[field])
+    with pytest.raises(tf.errors.InvalidArgumentError) as err:
+        _call(world, sig_lib.RANK, inputs)
+    message = rank.field_message(err.value.message)
+    if field == "num_boxes":   # every other field now disagrees with num_boxes: any one
+        assert "num_boxes:" in message and message.endswith(" [3 2]"), message
+        return
+    assert message.startswith(f"{field}: ") and message.endswith(shapes), message
+
+
+def test_rank_refuses_a_wrong_rank_naming_the_field(world):
+    # The Python client checks a placeholder's rank; a gRPC or REST client does not. Feed
+    # through an import whose input is an unshaped placeholder, as the model server does.
+    from export import rank
+
+    inputs = _rank_inputs(world)
+    _, meta = _session(world["path"])
+    sig = meta.signature_def[sig_lib.RANK]
+    for field, value in (("boxes", inputs["boxes"].reshape(-1)),
+                         ("query", inputs["query"][:, None]),
+                         ("num_boxes", inputs["num_boxes"][None])):
+        with tf.Graph().as_default() as graph:
+            loose = tf.compat.v1.placeholder(sig.inputs[field].dtype, None)
+            tf.compat.v1.train.import_meta_graph(meta, input_map={sig.inputs[field].name: loose},
+                                                 import_scope="m")
+            feed = {graph.get_tensor_by_name("m/" + sig.inputs[k].name): v
+                    for k, v in inputs.items() if k != field}
+            feed[loose] = value
+            fetch = graph.get_tensor_by_name("m/" + sig.outputs[sig_lib.SCORES].name)
+            with tf.compat.v1.Session(graph=graph) as sess:
+                sess.run([tf.compat.v1.tables_initializer(),
+                          tf.compat.v1.global_variables_initializer()])
+                with pytest.raises(tf.errors.InvalidArgumentError) as err:
+                    sess.run(fetch, feed)
+        message = rank.field_message(err.value.message)
+        assert message.startswith(f"{field}: rank ") and \
+            message.endswith(str(list(value.shape)).replace(",", "")), message
+
+
+def test_rank_file_first_stage_flag(world, listed, tmp_path):
+    from export import rank
+
+    valid = os.path.join(world["gen"], "valid.tsv")
+    scores = {}
+    for name, flags in (("first", ["--first-stage"]), ("served", [])):
+        out, scores_file = str(tmp_path / f"{name}.csv"), str(tmp_path / f"{name}.tsv")
+        assert rank.main(["--model", listed["path"], "--input", valid, "--out", out,
+                          "--scores", scores_file, "--batch-queries", "2"] + flags) == 0
+        with open(scores_file) as f:
+            scores[name] = {(int(q), int(p)): float(v) for q, p, v in
+                            (l.split("\t") for l in f.read().splitlines()[1:])}
+    for key, value in scores["first"].items():
+        assert abs(value - world["predictions"][key]["score"]) < TOL
+    # The served scores are the list stage's: z-scored per list (mean 0), unlike the first.
+    by_query = {}
+    for (qid, _), value in scores["served"].items():
+        by_query.setdefault(qid, []).append(value)
+    assert all(abs(np.mean(v)) < 1e-3 for v in by_query.values())
+    assert max(abs(scores["served"][k] - scores["first"][k]) for k in scores["first"]) > 0.1
 
 
 def test_warmup_requests_are_prediction_logs_that_run(world):
     from tensorflow_serving.apis import prediction_log_pb2
 
-    path = os.path.join(world["path"], "assets.extra", export_lib.WARMUP_FILE)
+    path = os.path.join(world["path"], "assets.extra", warmup.WARMUP_FILE)
     seen = set()
     for record in tf.data.TFRecordDataset(path):
         log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
         request = log.predict_log.request
-        assert request.model_spec.name == export_lib.DEFAULT_MODEL_NAME
+        assert request.model_spec.name == warmup.DEFAULT_MODEL_NAME
         name = request.model_spec.signature_name
         inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
         for value in _call(world, name, inputs).values():
@@ -324,8 +679,8 @@ def test_warmup_requests_are_prediction_logs_that_run(world):
 
 
 def test_warmup_requests_from_real_rows(world):
-    requests = export_lib.sample_inputs_from_tsv(os.path.join(world["gen"], "valid.tsv"),
-                                                 max_rows=4)
+    requests = warmup.sample_inputs_from_tsv(os.path.join(world["gen"], "valid.tsv"),
+                                             max_rows=4)
     assert set(requests) == set(sig_lib.ALL_SIGNATURES)
     rows = world["rows"][:4]
     for name in (sig_lib.SERVING_DEFAULT, sig_lib.SCORE_DENSE):
@@ -341,35 +696,53 @@ FRESH_PROCESS = textwrap.dedent("""
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
     from tensorflow.python.framework import op_def_registry
-    path, request_file = sys.argv[1], sys.argv[2]
-    sm = saved_model_pb2.SavedModel()
-    with open(path + "/saved_model.pb", "rb") as f:
-        sm.ParseFromString(f.read())
-    ops = {n.op for n in sm.meta_graphs[0].graph_def.node}
-    for fn in sm.meta_graphs[0].graph_def.library.function:
-        ops |= {n.op for n in fn.node_def}
-    not_core = sorted(op for op in ops if op_def_registry.get(op) is None)
+    paths, request_file = sys.argv[1:3], sys.argv[3]
+    not_core = set()
+    for path in paths:
+        sm = saved_model_pb2.SavedModel()
+        with open(path + "/saved_model.pb", "rb") as f:
+            sm.ParseFromString(f.read())
+        ops = {n.op for n in sm.meta_graphs[0].graph_def.node}
+        for fn in sm.meta_graphs[0].graph_def.library.function:
+            ops |= {n.op for n in fn.node_def}
+        not_core |= {op for op in ops if op_def_registry.get(op) is None}
     import tensorflow_text  # registers the TF Text ops, as the model server links them
-    model = tf.saved_model.load(path)
     with open(request_file) as f:
         req = json.load(f)
-    inputs = {k: tf.constant(v, tf.int64 if k in ("num_boxes", "image_h", "image_w")
-                             else tf.string) for k, v in req.items()}
-    scores = model.signatures["serving_default"](**inputs)["score"].numpy().tolist()
+    def tensors(values):
+        return {k: tf.constant(v, tf.int64 if k in ("num_boxes", "image_h", "image_w")
+                               else tf.string) for k, v in values.items()}
+    scores = tf.saved_model.load(paths[0]).signatures["serving_default"](
+        **tensors(req["pairs"]))["score"].numpy().tolist()
+    rank = tf.saved_model.load(paths[1]).signatures["rank"](**tensors(req["rank"]))
     ours = sorted(m for m in sys.modules if m.split(".")[0] in
-                  ("data_prep", "estimator", "export", "mmrecall_cli", "export_fixtures"))
-    print(json.dumps({"not_core": not_core, "scores": scores, "project_modules": ours}))
+                  ("data_prep", "estimator", "export", "mmrecall_cli",
+                   "mmrecall_testing"))
+    print(json.dumps({"not_core": sorted(not_core), "scores": scores,
+                      "rank": {k: v.numpy().tolist() for k, v in rank.items()},
+                      "project_modules": ours}))
 """)
 
 
-def test_loads_in_a_fresh_process_with_only_tensorflow_and_text(world, tmp_path):
+def _jsonable(inputs):
+    return {k: np.vectorize(lambda x: x.decode() if isinstance(x, bytes) else int(x),
+                            otypes=[object])(v).tolist() for k, v in inputs.items()}
+
+
+def test_loads_in_a_fresh_process_with_only_tensorflow_and_text(world, listed, tmp_path):
+    # Pairs through serving_default of the plain export; padded lists through `rank` of
+    # the export with a list stage.
+    from export import rank
+
     rows = world["rows"][:4]
-    req = {k: [x.decode() if isinstance(x, bytes) else int(x) for x in v]
-           for k, v in fx.request(rows).items()}
+    group = _groups(world)[0]
+    rank_inputs = rank.pad_lists([_list_fields(group[:4]), _list_fields(group[:2])])
     request_file = tmp_path / "request.json"
-    request_file.write_text(json.dumps(req))
+    request_file.write_text(json.dumps({"pairs": _jsonable(fx.request(rows)),
+                                        "rank": _jsonable(rank_inputs)}))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH="")
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, world["path"], str(request_file)],
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, world["path"], listed["path"],
+                           str(request_file)],
                           capture_output=True, text=True, cwd=str(tmp_path), env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -379,6 +752,10 @@ def test_loads_in_a_fresh_process_with_only_tensorflow_and_text(world, tmp_path)
     assert result["project_modules"] == []
     np.testing.assert_allclose(result["scores"], _expected(world, rows, "score"),
                                rtol=0, atol=TOL)
+    in_process = _rank_session(listed, rank_inputs)
+    for key in (sig_lib.SCORES, sig_lib.FIRST_STAGE_SCORES):
+        np.testing.assert_allclose(result["rank"][key], in_process[key], rtol=0, atol=1e-5)
+    assert result["rank"][sig_lib.SCORES][1][2:] == [list_lib.PADDING_SCORE] * 2
 
 
 class _FakeEstimator:
@@ -389,14 +766,20 @@ class _FakeEstimator:
 def test_best_ndcg_exporter_keeps_only_improvements(tmp_path, monkeypatch):
     calls = []
 
-    def fake_export(model_dir, data_dir, export_dir, checkpoint=None, **_):
+    prep = object()   # handed through to the export, never read by the exporter
+
+    stages = []
+
+    def fake_export(model_dir, prep_dir, export_dir, checkpoint=None, list_stage="unset", **_):
+        assert prep_dir is prep
         calls.append(checkpoint)
+        stages.append(list_stage)
         path = os.path.join(export_dir, str(1000 + len(calls)))
         os.makedirs(path)
         return path
 
-    monkeypatch.setattr(export_lib, "export_saved_model", fake_export)
-    exporter = export_lib.BestNdcgExporter("prep", exports_to_keep=2)
+    monkeypatch.setattr(saved_model, "export_saved_model", fake_export)
+    exporter = best_exporter.BestNdcgExporter(prep, exports_to_keep=2)
     base = str(tmp_path / "export" / exporter.name)
     os.makedirs(base)
     est = _FakeEstimator(str(tmp_path))
@@ -409,8 +792,12 @@ def test_best_ndcg_exporter_keeps_only_improvements(tmp_path, monkeypatch):
     with open(os.path.join(base, "best_metric.json")) as f:
         assert json.load(f)["value"] == 0.50
     # A new exporter (resumed training) remembers the best value.
-    again = export_lib.BestNdcgExporter("prep")
+    again = best_exporter.BestNdcgExporter(prep)
     assert again.export(est, base, "c6", {"ndcg@5": 0.45}, False) is None
+    # The list stage setting reaches every export (None: fit on the prep's valid lists).
+    off = best_exporter.BestNdcgExporter(prep, list_stage="off")
+    assert off.export(est, base, "c7", {"ndcg@5": 0.9}, False) is not None
+    assert stages == [None, None, None, "off"]
 
 
 def test_sample_serving_configs_parse():
@@ -421,11 +808,11 @@ def test_sample_serving_configs_parse():
     with open(os.path.join(root, "serving", "models.config")) as f:
         config = text_format.Parse(f.read(), model_server_config_pb2.ModelServerConfig())
     (model,) = config.model_config_list.config
-    assert model.name == export_lib.DEFAULT_MODEL_NAME and model.model_platform == "tensorflow"
+    assert model.name == warmup.DEFAULT_MODEL_NAME and model.model_platform == "tensorflow"
     # BatchingParameters is not in tensorflow-serving-api; check the fields by name.
     known = {"max_batch_size", "batch_timeout_micros", "max_enqueued_batches",
              "num_batch_threads", "allowed_batch_sizes", "pad_variable_length_inputs",
-             "thread_pool_name", "enable_large_batch_splitting"}
+             "thread_pool_name", "enable_large_batch_splitting", "max_execution_batch_size"}
     fields = {}
     with open(os.path.join(root, "serving", "batching_parameters.txt")) as f:
         for line in f:

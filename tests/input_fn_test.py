@@ -1,9 +1,14 @@
-"""The tf.data pipelines: parsed values equal the written ones, caps, whole-query batches."""
+"""The tf.data pipelines: parsed values equal the written ones, caps (the largest boxes by
+area), whole-query batches, worker sharding, same-type runs."""
+import json
+import shutil
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_prep import schema, text, vocab
+from data_prep import geometry, schema, text, vocab
+from data_prep.manifest import PrepDir
 from estimator import input_fn
 from mmrecall_testing.model_fixtures import tiny_config, write_prep_dir
 
@@ -12,10 +17,10 @@ TRAIN, EVAL, PREDICT = (tf.estimator.ModeKeys.TRAIN, tf.estimator.ModeKeys.EVAL,
 
 
 @pytest.fixture(scope="module")
-def prep_dir(tmp_path_factory):
-    return write_prep_dir(str(tmp_path_factory.mktemp("prep")), num_train=60,
-                          num_valid_queries=7, candidates=5, valid_shards=2,
-                          compression="GZIP", max_boxes=4)
+def prep(tmp_path_factory):
+    return PrepDir(write_prep_dir(str(tmp_path_factory.mktemp("prep")), num_train=60,
+                                  num_valid_queries=7, candidates=5, valid_shards=2,
+                                  compression="GZIP", max_boxes=4))
 
 
 def _write(path, rows):
@@ -24,23 +29,28 @@ def _write(path, rows):
             w.write(r)
 
 
-def test_prep_without_vocabulary_is_a_clear_error(prep_dir, tmp_path):
-    import json
-    import shutil
-
+def test_prep_without_vocabulary_is_a_clear_error(prep, tmp_path):
     copy = tmp_path / "no_vocab"
-    shutil.copytree(prep_dir, copy)
+    shutil.copytree(prep.path, copy)
     manifest = json.loads((copy / schema.MANIFEST_FILE).read_text())
     manifest["vocab"] = None          # what prep writes when it had no train split
     (copy / schema.MANIFEST_FILE).write_text(json.dumps(manifest))
+    no_vocab = PrepDir(str(copy))
+    assert no_vocab.split_files("test") == []                # absent split: no files
     with pytest.raises(ValueError, match="no vocabulary"):
-        input_fn.vocab_tokens(str(copy))
-    assert input_fn.split_files(str(copy), "test") == []     # absent split: no files
+        input_fn.input_fn_builder(tiny_config(), no_vocab.split_files("train"), TRAIN,
+                                  no_vocab)
 
 
-def test_parse_batch_values_caps_and_lookup(prep_dir, tmp_path):
+def test_unresolved_box_cap_is_a_clear_error(prep):
+    with pytest.raises(ValueError, match="resolve_config"):
+        input_fn.input_fn_builder(tiny_config(max_boxes=0), prep.split_files("train"), TRAIN,
+                                  prep)
+
+
+def test_parse_batch_values_caps_and_lookup(prep, tmp_path):
     rng = np.random.RandomState(0)
-    tokens = [t for t, _ in vocab.load_vocab(f"{prep_dir}/vocab.tsv")]
+    tokens = prep.vocab_tokens()
     rows, sources = [], []
     for i, (lemmas, n) in enumerate([(["red", "dress", "zzz", "new", "shoe", "bag", "lamp",
                                        "sofa", "pink"], 6), (["blue"], 1), ([], 2)]):
@@ -74,9 +84,65 @@ def test_parse_batch_values_caps_and_lookup(prep_dir, tmp_path):
     assert feats[schema.F_PRODUCT_ID].numpy().tolist() == [7, 8, 9]
 
 
-def test_train_batches(prep_dir):
-    cfg = tiny_config(data_dir=prep_dir, batch_size=13, max_query_tokens=2)
-    ds = input_fn.input_fn_builder(cfg, input_fn.split_files(prep_dir, "train"), TRAIN)()
+def _boxes_record(product_id, boxes):
+    n = len(boxes)
+    features = np.arange(n * schema.FEATURE_DIM, dtype=np.float32).reshape(n, -1)
+    geo = geometry.relative_geometry(np.asarray(boxes, np.float32), 100, 100)
+    return schema.encode_example(product_id, 1, 100, 100, "a", ["a"], 1,
+                                 np.asarray(boxes, np.float32), geo, features,
+                                 np.arange(n) + 1, 1), features, geo
+
+
+def test_box_cap_keeps_the_largest_boxes_in_original_order(prep):
+    # Product 1: small boxes first, large ones later; boxes 1 and 4 tie in area (25).
+    #   areas: 4, 25, 1, 81, 25, 64 -> the 4 largest are 3 (81), 5 (64), 1 and 4 (25; tie
+    #   kept in index order), in original order: [1, 3, 4, 5].
+    # Product 2: 2 boxes, under the cap: both kept. Product 3: ties only -> the first 4.
+    products = [
+        [[0, 0, 2, 2], [0, 0, 5, 5], [0, 0, 1, 1], [0, 0, 9, 9], [10, 10, 15, 15],
+         [0, 0, 8, 8]],
+        [[0, 0, 3, 3], [0, 0, 7, 7]],
+        [[0, 0, 4, 4]] * 5,
+    ]
+    rows = [_boxes_record(i + 1, b) for i, b in enumerate(products)]
+    table = vocab.lookup_table(prep.vocab_tokens())
+    feats, _ = input_fn.parse_batch(tf.constant([r[0] for r in rows]), table,
+                                    max_query_tokens=7, max_boxes=4)
+    assert feats[schema.F_NUM_BOXES].numpy().tolist() == [4, 2, 4]
+    expected = [[1, 3, 4, 5], [0, 1], [0, 1, 2, 3]]
+    for b, (boxes, (_, features, geo)) in enumerate(zip(products, rows)):
+        keep = geometry.largest_box_indices(np.asarray(boxes, np.float32), 4)
+        assert keep.tolist() == expected[b]
+        k = len(keep)
+        np.testing.assert_array_equal(feats[schema.F_BOX_FEATURES].numpy()[b, :k],
+                                      features[keep])
+        np.testing.assert_array_equal(feats[schema.F_BOX_GEOMETRY].numpy()[b, :k], geo[keep])
+        assert feats[schema.F_BOX_LABELS].numpy()[b, :k].tolist() == (keep + 1).tolist()
+        assert not feats[schema.F_BOX_FEATURES].numpy()[b, k:].any()
+    # Under the cap nothing changes: every box, in order.
+    feats, _ = input_fn.parse_batch(tf.constant([rows[0][0]]), table, 7, max_boxes=6)
+    np.testing.assert_array_equal(feats[schema.F_BOX_FEATURES].numpy()[0], rows[0][1])
+
+
+def test_largest_boxes_equals_the_numpy_rule_on_random_boxes():
+    rng = np.random.RandomState(5)
+    counts = rng.randint(0, 9, size=11)
+    boxes = np.zeros([11, 8, 4], np.float32)
+    for b, n in enumerate(counts):
+        top_left = rng.randint(0, 5, size=(n, 2))
+        size = rng.randint(1, 4, size=(n, 2))            # small sizes: many area ties
+        boxes[b, :n] = np.concatenate([top_left, top_left + size], 1)
+        boxes[b, n:] = 1000.0                             # huge padding must never count
+    index, kept = input_fn.largest_boxes(tf.constant(boxes), tf.constant(counts, tf.int32), 3)
+    for b, n in enumerate(counts):
+        expected = geometry.largest_box_indices(boxes[b, :n], 3)
+        assert int(kept[b]) == len(expected)
+        assert index.numpy()[b, :len(expected)].tolist() == expected.tolist()
+
+
+def test_train_batches(prep):
+    cfg = tiny_config(batch_size=13, max_query_tokens=2)
+    ds = input_fn.input_fn_builder(cfg, prep.split_files("train"), TRAIN, prep)()
     seen = set()
     for features, labels in ds.take(30):                 # 6.5 epochs of 60 rows: repeats
         assert features[schema.F_TOKEN_IDS].shape[0] == 13
@@ -90,9 +156,9 @@ def test_train_batches(prep_dir):
 
 
 @pytest.mark.parametrize("mode", [EVAL, PREDICT])
-def test_eval_batches_hold_whole_queries(prep_dir, mode):
-    cfg = tiny_config(data_dir=prep_dir, eval_queries_per_batch=3)
-    ds = input_fn.input_fn_builder(cfg, input_fn.split_files(prep_dir, "valid"), mode)()
+def test_eval_batches_hold_whole_queries(prep, mode):
+    cfg = tiny_config(eval_queries_per_batch=3)
+    ds = input_fn.input_fn_builder(cfg, prep.split_files("valid"), mode, prep)()
     batches = []
     for element in ds:
         features = element[0] if mode == EVAL else element
@@ -121,39 +187,39 @@ def test_whole_queries_cuts_contiguous_runs(tmp_path):
     assert groups == [2, 1, 3]
 
 
-def test_train_files_are_sharded_by_worker(prep_dir):
+def test_train_files_are_sharded_by_worker(prep):
     class FakeRunConfig:   # the two RunConfig fields a TF_CONFIG cluster sets
         num_worker_replicas = 2
         global_id_in_cluster = 1
 
     # No shuffling or regrouping: the first 30 rows read are exactly one pass over the
     # worker's own file (a shuffle buffer spanning epochs could defer any row for long).
-    cfg = tiny_config(data_dir=prep_dir, batch_size=10, shuffle_buffer=1, train_group_size=1)
-    files = input_fn.split_files(prep_dir, "train")
+    cfg = tiny_config(batch_size=10, shuffle_buffer=1, train_group_size=1)
+    files = prep.split_files("train")
     assert len(files) == 2
     expected = []
     for record in tf.data.TFRecordDataset(files[1], compression_type="GZIP"):
         expected.append(int(tf.io.parse_single_example(
             record, {schema.PRODUCT_ID: tf.io.FixedLenFeature([], tf.int64)})[schema.PRODUCT_ID]))
-    worker = input_fn.input_fn_builder(cfg, files, TRAIN)(config=FakeRunConfig())
+    worker = input_fn.input_fn_builder(cfg, files, TRAIN, prep)(config=FakeRunConfig())
     got = []
     for features, _ in worker.take(3):                     # one pass over the 30 rows
         got.extend(features[schema.F_PRODUCT_ID].numpy().tolist())
     assert sorted(got) == sorted(expected) and len(set(got)) == 30
 
 
-def test_more_workers_than_files_split_records_disjointly(prep_dir):
-    files = input_fn.split_files(prep_dir, "train")
+def test_more_workers_than_files_split_records_disjointly(prep):
+    files = prep.split_files("train")
     assert len(files) == 2
     num_workers = 3
-    cfg = tiny_config(data_dir=prep_dir, batch_size=4, train_group_size=1)
+    cfg = tiny_config(batch_size=4, train_group_size=1)
     seen = []
     for worker_id in range(num_workers):
         class FakeRunConfig:
             num_worker_replicas = num_workers
             global_id_in_cluster = worker_id
 
-        worker = input_fn.input_fn_builder(cfg, files, TRAIN, num_epochs=1)(
+        worker = input_fn.input_fn_builder(cfg, files, TRAIN, prep, num_epochs=1)(
             config=FakeRunConfig())
         ids = [i for features, _ in worker for i in features[schema.F_PRODUCT_ID].numpy()]
         seen.append(set(ids))
@@ -165,10 +231,10 @@ def test_more_workers_than_files_split_records_disjointly(prep_dir):
     assert len(seen[0] | seen[1] | seen[2]) == 60
 
 
-def test_group_by_last_lemma_makes_runs_of_one_type(prep_dir):
-    cfg = tiny_config(data_dir=prep_dir, batch_size=12, train_group_size=4)
-    tokens = input_fn.vocab_tokens(prep_dir)
-    ds = input_fn.input_fn_builder(cfg, input_fn.split_files(prep_dir, "train"), TRAIN)()
+def test_group_by_last_lemma_makes_runs_of_one_type(prep):
+    cfg = tiny_config(batch_size=12, train_group_size=4)
+    tokens = prep.vocab_tokens()
+    ds = input_fn.input_fn_builder(cfg, prep.split_files("train"), TRAIN, prep)()
     runs = 0
     for features, _ in ds.take(10):
         ids, n = features[schema.F_TOKEN_IDS].numpy(), features[schema.F_NUM_TOKENS].numpy()
@@ -176,9 +242,8 @@ def test_group_by_last_lemma_makes_runs_of_one_type(prep_dir):
         runs += sum(len(set(last[j:j + 4])) == 1 for j in range(0, 12, 4))
     # 6 types among 60 rows: nearly every run of 4 shares its type (rare tails flush short).
     assert runs >= 25
-    ungrouped = input_fn.input_fn_builder(tiny_config(data_dir=prep_dir, batch_size=12,
-                                                      train_group_size=0),
-                                          input_fn.split_files(prep_dir, "train"), TRAIN)()
+    ungrouped = input_fn.input_fn_builder(tiny_config(batch_size=12, train_group_size=0),
+                                          prep.split_files("train"), TRAIN, prep)()
     base = 0
     for features, _ in ungrouped.take(10):
         ids, n = features[schema.F_TOKEN_IDS].numpy(), features[schema.F_NUM_TOKENS].numpy()

@@ -77,6 +77,18 @@ def test_pooling_of_empty_row_is_zero():
     np.testing.assert_array_equal(out.numpy()[1], np.zeros(D))
 
 
+def test_masked_mean_hand_computed_and_padding_ignored():
+    x = tf.constant([[[1.0, 2.0], [3.0, 6.0], [100.0, 100.0]],
+                     [[5.0, -1.0], [7.0, 7.0], [9.0, 9.0]]])
+    out = layers.masked_mean(x, tf.constant([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])).numpy()
+    # Row 0: mean of the first two positions; row 1 has no real position: zeros.
+    np.testing.assert_allclose(out, [[2.0, 4.0], [0.0, 0.0]])
+    # Odd sizes: equal to the numpy masked mean, whatever the padding holds.
+    x, mask = _x([B, T, D]), _mask(LENGTHS_T, T)
+    want = [x.numpy()[b, :LENGTHS_T[b]].mean(0) for b in range(B)]
+    np.testing.assert_allclose(layers.masked_mean(x, mask).numpy(), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("layer", [
     layers.MultiHeadAttention(D, H, 0.1), layers.TransformerEncoderBlock(D, H, 32, 0.1),
     layers.CrossAttention(D, H, 0.1), layers.GatedFusion(D, 32, 0.1),

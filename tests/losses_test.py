@@ -27,6 +27,27 @@ def test_log_loss_weighted_mean():
     assert float(losses.log_loss(x)) == pytest.approx(expected, rel=1e-6)
 
 
+def test_focal_hand_computed():
+    # gamma 2. Label 1, logit 0: CE = log 2 = 0.693147, p_t = 0.5, factor 0.25 -> 0.173287.
+    # Label 0, logit 2: CE = log(1 + e^2) = 2.126928, p_t = 1 / (1 + e^2) = 0.119203,
+    # factor (1 - 0.119203)^2 = 0.775803 -> 1.650079. The weight-0 pair is ignored; the
+    # mean is over the valid pairs' weight (2): 0.911683.
+    x = _inputs(pair_logits=tf.constant([0.0, 2.0, 50.0]),
+                pair_labels=tf.constant([1.0, 0.0, 0.0]),
+                pair_weights=tf.constant([1.0, 1.0, 0.0]), focal_gamma=2.0)
+    assert float(losses.focal(x)) == pytest.approx(0.911683, rel=1e-5)
+    # gamma 0 is the log loss; a confident right answer weighs far less than under it.
+    assert float(losses.focal(x._replace(focal_gamma=0.0))) == pytest.approx(
+        float(losses.log_loss(x)), rel=1e-6)
+    easy = x._replace(pair_logits=tf.constant([4.0, -4.0, 0.0]))
+    assert float(losses.focal(easy)) < 1e-3 * float(losses.log_loss(easy))
+
+
+def test_cross_losses_are_the_ones_reading_pair_logits():
+    assert losses.CROSS_LOSSES == {"log_loss", "cross_softmax", "focal"}
+    assert losses.CROSS_LOSSES < set(losses.LOSSES) and "softmax" in losses.LOSSES
+
+
 def test_in_batch_softmax_hand_computed():
     # q = p = identity (2 x 2), temperature 0.5: logits [[2, 0], [0, 2]].
     # CE per row = -log(e^2 / (e^2 + 1)) = log(1 + e^-2) = 0.126928.

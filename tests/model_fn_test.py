@@ -1,16 +1,24 @@
 """model_fn in TRAIN / EVAL / PREDICT, PREDICT row independence, padding invariance, and the
-Ranker contract: deterministic variable names and restoring from Estimator checkpoints."""
+Ranker contract: deterministic, unchanged variable names and restoring from Estimator
+checkpoints."""
+import json
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from data_prep import schema
-from estimator import input_fn, model_fn, network, train
+from data_prep.manifest import PrepDir
+from estimator import input_fn, model_fn, network, outputs, train
+from export import rank, score
 from mmrecall_testing.model_fixtures import random_batch, tiny_config, write_prep_dir
 
 TRAIN, EVAL, PREDICT = (tf.estimator.ModeKeys.TRAIN, tf.estimator.ModeKeys.EVAL,
                         tf.estimator.ModeKeys.PREDICT)
 V = 20
+# The towers-only mode: tower score served, the in-batch softmax the only loss.
+TOWERS_ONLY = dict(serving_score="tower", loss_weights={"softmax": 1.0})
 
 
 def _cfg(**kw):
@@ -51,11 +59,12 @@ def test_model_fn_all_modes(mode):
                 assert np.isfinite(sess.run(spec.loss))
             else:
                 out = sess.run(spec.predictions)
-                assert out["score"].shape == (13,)
-                assert out["query_embedding"].shape == (13, 16)
-                assert out["product_embedding"].shape == (13, 16)
+                assert out[outputs.SCORE].shape == (13,)
+                assert out[outputs.QUERY_EMBEDDING].shape == (13, 16)
+                assert out[outputs.PRODUCT_EMBEDDING].shape == (13, 16)
                 np.testing.assert_array_equal(out["product_id"], f[schema.F_PRODUCT_ID])
-                np.testing.assert_allclose(out["score"], out["cross_logit"] + out["tower_score"],
+                np.testing.assert_allclose(out[outputs.SCORE],
+                                           out[outputs.CROSS_LOGIT] + out[outputs.TOWER_SCORE],
                                            rtol=1e-5, atol=1e-5)
 
 
@@ -90,7 +99,7 @@ def _predict_scores(features_list, cfg):
         spec = model_fn.model_fn_builder(cfg, V)(placeholders, None, PREDICT, {})
         with tf.compat.v1.Session() as sess:
             sess.run(tf.compat.v1.global_variables_initializer())
-            return [sess.run(spec.predictions["score"],
+            return [sess.run(spec.predictions[outputs.SCORE],
                              {placeholders[k]: v for k, v in f.items()}) for f in features_list]
 
 
@@ -118,7 +127,7 @@ def test_predict_score_of_a_pair_ignores_other_rows_and_padding():
     np.testing.assert_allclose(np.delete(s_mixed, 9), np.delete(s_b, 9), rtol=1e-5, atol=1e-5)
 
 
-def _variable_signature(prefill):
+def _variable_signature(prefill, **cfg_overrides):
     with tf.Graph().as_default():
         if prefill:   # unrelated things, taking the names "ranker", "text_tower", "dense"
             tf.keras.layers.Dense(3, name="dense")(tf.zeros([1, 2]))
@@ -127,7 +136,7 @@ def _variable_signature(prefill):
             with tf.name_scope("ranker"):
                 tf.constant(1.0, name="serving_input")
             tf.compat.v1.train.get_or_create_global_step()
-        ranker = network.build_ranker(_cfg(), V)
+        ranker = network.build_ranker(_cfg(**cfg_overrides), V)
         ranker.encode_query(tf.zeros([13, 7], tf.int32), tf.fill([13], 3))
         sig = sorted((k, tuple(v.shape)) for k, v in ranker.variable_map().items())
         assert len(sig) == len(ranker.variables)
@@ -142,20 +151,107 @@ def test_variable_names_are_deterministic_and_independent_of_the_graph():
     assert ("ranker/text_tower/word_embedding/embeddings", (V, 8)) in first
 
 
+def test_variable_names_and_shapes_are_unchanged():
+    # Checkpoints and exports restore by name: the tiny ranker's list is pinned in a file.
+    path = os.path.join(os.path.dirname(__file__), "data", "tiny_ranker_variables.json")
+    with open(path, encoding="utf-8") as f:
+        pinned = [(name, tuple(shape)) for name, shape in json.load(f)]
+    assert _variable_signature(False) == pinned
+
+
+def test_knob_defaults_are_the_pinned_model_and_other_values_change_only_their_part():
+    default = dict(_variable_signature(False))
+    assert _variable_signature(False, pooling="attention", region_features="log1p",
+                               focal_gamma=2.0) == sorted(default.items())
+    # Raw features: the same variables (only the input transform differs).
+    assert dict(_variable_signature(False, region_features="raw")) == default
+    # Mean pooling: the towers' attention-pooling weights are gone, nothing else changes.
+    mean = dict(_variable_signature(False, pooling="mean"))
+    tower_pooling = {k for k in default if k.startswith(("ranker/text_tower/pooling/",
+                                                         "ranker/box_tower/pooling/"))}
+    assert tower_pooling and mean == {k: v for k, v in default.items()
+                                      if k not in tower_pooling}
+    # Towers only: no matcher variables.
+    towers_only = dict(_variable_signature(False, **TOWERS_ONLY))
+    assert towers_only == {k: v for k, v in default.items()
+                           if not k.startswith("ranker/matcher/")}
+
+
+def test_towers_only_model_fn_forms_no_pairs_and_keeps_the_output_contract():
+    f = random_batch(13, 7, 5, V)
+    cfg = _cfg(**TOWERS_ONLY)
+    assert not cfg.uses_matcher
+    with tf.Graph().as_default():
+        spec = model_fn.model_fn_builder(cfg, V)(_feed(f), tf.ones([13]), TRAIN, {})
+        ops = {op.type for op in tf.compat.v1.get_default_graph().get_operations()}
+        # No negative sampling (top-k over [B, B] scores) and no pair gathers of states.
+        assert "TopKV2" not in ops and "GatherV2" not in ops, ops & {"TopKV2", "GatherV2"}
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            losses = [sess.run([spec.loss, spec.train_op])[0] for _ in range(8)]
+        assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    with tf.Graph().as_default():
+        labels = tf.constant((np.arange(13) % 3 == 0).astype(np.float32))
+        spec = model_fn.model_fn_builder(cfg, V)(_feed(f), labels, EVAL, {})
+        assert "ndcg@5" in spec.eval_metric_ops and "ndcg@5_cross" not in spec.eval_metric_ops
+    with tf.Graph().as_default():
+        spec = model_fn.model_fn_builder(cfg, V)(_feed(f), None, PREDICT, {})
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            out = sess.run(spec.predictions)
+    np.testing.assert_array_equal(out[outputs.CROSS_LOGIT], np.zeros(13, np.float32))
+    np.testing.assert_array_equal(out[outputs.SCORE], out[outputs.TOWER_SCORE])
+    # Cosine / temperature of the returned unit embeddings.
+    cosine = (out[outputs.QUERY_EMBEDDING] * out[outputs.PRODUCT_EMBEDDING]).sum(-1)
+    np.testing.assert_allclose(out[outputs.SCORE], cosine / cfg.temperature, rtol=1e-5,
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["focal", "log_loss"])
+def test_a_cross_loss_keeps_the_matcher_with_the_tower_score_served(loss):
+    cfg = _cfg(serving_score="tower", loss_weights={"softmax": 1.0, loss: 0.5})
+    assert cfg.uses_matcher
+    with tf.Graph().as_default():
+        spec = model_fn.model_fn_builder(cfg, V)(_feed(random_batch(13, 7, 5, V)),
+                                                 tf.ones([13]), TRAIN, {})
+        assert any(v.name.startswith("ranker/matcher/")
+                   for v in tf.compat.v1.trainable_variables())
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            assert np.isfinite(sess.run(spec.loss))
+
+
+def test_build_ranker_needs_a_resolved_word_embedding_width():
+    with tf.Graph().as_default():
+        with pytest.raises(ValueError, match="resolve_config"):
+            network.build_ranker(_cfg(word_embedding_size=0), V)
+    with tf.Graph().as_default():   # with word2vec vectors their width W is the width
+        emb = np.zeros([V, 6], np.float32)
+        ranker = network.build_ranker(_cfg(word_embedding_size=0), V, emb)
+        assert ranker.text_tower.word_embedding.embeddings.shape == (V, 6)
+
+
+def test_model_fn_builder_rejects_embeddings_of_another_shape():
+    with pytest.raises(ValueError, match="word_embedding_size 8"):
+        model_fn.model_fn_builder(_cfg(), V, np.zeros([V, 6], np.float32))
+    with pytest.raises(ValueError, match="vocab_size 20"):
+        model_fn.model_fn_builder(_cfg(), V, np.zeros([V + 1, 8], np.float32))
+
+
 def test_restore_ranker_from_estimator_checkpoint_reproduces_predict(tmp_path):
-    data = write_prep_dir(str(tmp_path / "prep"), num_train=64, num_valid_queries=3,
-                          candidates=5)
-    cfg = train.resolve_config(_cfg(train_steps=3, dropout=0.1), data)
-    est = train.build_estimator(cfg, str(tmp_path / "model"), data)
-    est.train(input_fn.input_fn_builder(cfg, input_fn.split_files(data, "train"), TRAIN),
+    prep = PrepDir(write_prep_dir(str(tmp_path / "prep"), num_train=64, num_valid_queries=3,
+                                  candidates=5))
+    cfg = train.resolve_config(_cfg(train_steps=3, dropout=0.1), prep)
+    est = train.build_estimator(cfg, str(tmp_path / "model"), prep)
+    est.train(input_fn.input_fn_builder(cfg, prep.split_files("train"), TRAIN, prep),
               max_steps=3)
-    pred_input = input_fn.input_fn_builder(cfg, input_fn.split_files(data, "valid"), PREDICT)
-    expected = [p["score"] for p in est.predict(pred_input)]
+    pred_input = input_fn.input_fn_builder(cfg, prep.split_files("valid"), PREDICT, prep)
+    expected = [p[outputs.SCORE] for p in est.predict(pred_input)]
     # Fresh graph: build the Ranker, restore with a name-based Saver, score the same rows.
     with tf.Graph().as_default():
         iterator = tf.compat.v1.data.make_initializable_iterator(pred_input())
         features = iterator.get_next()
-        ranker = network.build_ranker(cfg, len(input_fn.vocab_tokens(data)))
+        ranker = network.build_ranker(cfg, len(prep.vocab_tokens()))
         q_states, q_pooled = ranker.encode_query(features[schema.F_TOKEN_IDS],
                                                  features[schema.F_NUM_TOKENS])
         p_states, p_pooled = ranker.encode_product(
@@ -171,7 +267,7 @@ def test_restore_ranker_from_estimator_checkpoint_reproduces_predict(tmp_path):
             saver.restore(sess, est.latest_checkpoint())
             try:
                 while True:
-                    got.extend(sess.run(out["score"]).tolist())
+                    got.extend(sess.run(out[outputs.SCORE]).tolist())
             except tf.errors.OutOfRangeError:
                 pass
     assert len(got) == len(expected) == 15
@@ -189,15 +285,6 @@ def test_mixed_precision_switch_trains_with_float32_variables():
             sess.run(tf.compat.v1.global_variables_initializer())
             losses = [sess.run([spec.loss, spec.train_op])[0] for _ in range(4)]
         assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
-
-
-def test_learning_rate_warmup_then_decay_to_floor():
-    cfg = _cfg(learning_rate=1e-3, warmup_steps=10, train_steps=110, decay="cosine",
-               min_learning_rate_ratio=0.1)
-    lr = [float(model_fn.learning_rate_schedule(cfg, tf.constant(s))) for s in
-          (0, 4, 9, 60, 110, 500)]
-    # warmup: (step + 1) / 10 of the peak; cosine half way (step 60): 0.1 + 0.9 * 0.5 = 0.55
-    np.testing.assert_allclose(lr, [1e-4, 5e-4, 1e-3, 0.55e-3, 1e-4, 1e-4], rtol=1e-5)
 
 
 @pytest.mark.parametrize("scale", [0.0, 1.0])
@@ -235,3 +322,35 @@ def test_config_seed_alone_fixes_the_initial_weights():
     assert all(np.array_equal(a[k], b[k]) for k in a)
     kernels = [k for k in a if k.endswith("kernel:0")]
     assert all(not np.array_equal(a[k], c[k]) for k in kernels)
+
+
+def test_eval_ndcg_counts_a_duplicated_product_once_as_the_scorer_does():
+    """Rows repeating a product of their query take no position of their own in eval NDCG@5,
+    as in `mmrecall rank` + `mmrecall score` (the same weights score PREDICT and EVAL)."""
+    f = random_batch(13, 7, 5, V, seed=3)
+    f[schema.F_QUERY_ID] = np.array([0] * 7 + [1] * 6, np.int64)
+    for dup, orig in ((3, 0), (5, 1), (9, 7)):               # exact copies: equal scores
+        for key in f:
+            if key != schema.F_QUERY_ID:
+                f[key][dup] = f[key][orig]
+    labels = np.array([1, 0, 0, 1, 0, 0, 1, 1, 0, 1, 0, 0, 1], np.float32)
+    emb = np.random.RandomState(0).normal(size=(V, 8)).astype(np.float32)
+
+    def run(mode):
+        with tf.Graph().as_default():
+            spec = model_fn.model_fn_builder(_cfg(), V, emb)(
+                _feed(f), None if mode == PREDICT else tf.constant(labels), mode, {})
+            with tf.compat.v1.Session() as sess:
+                sess.run([tf.compat.v1.global_variables_initializer(),
+                          tf.compat.v1.local_variables_initializer()])
+                if mode == PREDICT:
+                    return sess.run(spec.predictions)[outputs.SCORE]
+                sess.run([op for _, op in spec.eval_metric_ops.values()])
+                return sess.run(spec.eval_metric_ops["ndcg@5"][0])
+
+    scores, in_graph = run(PREDICT), run(EVAL)
+    ids, qids = f[schema.F_PRODUCT_ID], f[schema.F_QUERY_ID]
+    expected = np.mean([
+        score.ndcg_at_5(rank.top_k(ids[qids == q], scores[qids == q]),
+                        set(ids[(qids == q) & (labels > 0)].tolist())) for q in (0, 1)])
+    assert in_graph == pytest.approx(expected, abs=1e-6)

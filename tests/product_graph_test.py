@@ -1,5 +1,6 @@
 """export.product_graph equals prep's reading of a TSV row (data_prep.tsv.parse_row, the box
-cap of data_prep.write, data_prep.geometry) and rejects what prep rejects, naming the field."""
+cap of data_prep.geometry.largest_box_indices, data_prep.geometry) and rejects what prep
+rejects, naming the field."""
 import base64
 
 import numpy as np
@@ -31,11 +32,8 @@ def _row(rng, n, image_h=800, image_w=600, overshoot=False, ties=False):
 
 
 def _parse(line: str):
-    """prep's row reader (it takes the raw bytes of a line; older versions took str)."""
-    try:
-        return tsv.parse_row(line.encode("utf-8"))
-    except TypeError:
-        return tsv.parse_row(line)
+    """prep's row reader (it takes the raw bytes of a line)."""
+    return tsv.parse_row(line.encode("utf-8"))
 
 
 def _fields(rows):
@@ -49,20 +47,21 @@ def _fields(rows):
     return out
 
 
-def _decode(fields, max_boxes=MAX_BOXES, model_max_boxes=0):
+def _decode(fields, max_boxes=MAX_BOXES):
     return pg.decode_b64_products(fields["boxes"], fields["features"], fields["class_labels"],
                                   fields["num_boxes"], fields["image_h"], fields["image_w"],
-                                  max_boxes, model_max_boxes)
+                                  max_boxes)
 
 
 def _expected(row, max_boxes=MAX_BOXES, model_max_boxes=0):
-    """What prep stores and the input_fn feeds for this row (numpy reference)."""
+    """What prep stores and the input_fn feeds for this row (numpy reference): prep keeps
+    the max_boxes largest boxes, the input_fn the model_max_boxes largest of those."""
     parsed = _parse(tsv.encode_row(**row))              # validated, boxes clipped
     keep = geometry.largest_box_indices(parsed.boxes, max_boxes)
     boxes, feats, labels = parsed.boxes[keep], parsed.features[keep], parsed.labels[keep]
     if model_max_boxes:
-        boxes, feats, labels = (boxes[:model_max_boxes], feats[:model_max_boxes],
-                                labels[:model_max_boxes])
+        keep = geometry.largest_box_indices(boxes, model_max_boxes)
+        boxes, feats, labels = boxes[keep], feats[keep], labels[keep]
     geom = geometry.relative_geometry(boxes, parsed.image_h, parsed.image_w)
     return boxes, feats, labels, geom
 
@@ -102,12 +101,18 @@ def test_ties_keep_the_earlier_box():
     np.testing.assert_array_equal(out.boxes[0].numpy(), row["boxes"][:2])
 
 
-def test_model_cap_keeps_the_first_of_preps_boxes():
+def test_one_cap_of_the_smaller_size_equals_prep_then_model_cap():
+    # Prep keeps the 5 largest boxes, the input_fn the 3 largest of those; serving applies
+    # one cap of min(5, 3) = 3. Row 0's boxes grow with their index, so the 3 largest are
+    # not the first 3 of prep's.
     rng = np.random.default_rng(5)
-    rows = [_row(rng, 7, overshoot=True), _row(rng, 2)]
-    out = _decode(_fields(rows), max_boxes=5, model_max_boxes=3)
+    rows = [_row(rng, 7, overshoot=True), _row(rng, 2), _row(rng, 6)]
+    rows[2]["boxes"] = np.array([[0, 0, 10 * (i + 1), 10 * (i + 1)] for i in range(6)],
+                                np.float32)
+    out = _decode(_fields(rows), max_boxes=min(5, 3))
     assert out.box_features.shape[1] == 3
     _assert_matches(out, rows, max_boxes=5, model_max_boxes=3)
+    np.testing.assert_array_equal(out.boxes[2].numpy(), rows[2]["boxes"][3:])
 
 
 def test_dense_variant_equals_b64():

@@ -1,20 +1,25 @@
 """End-to-end training: a tiny data set is fitted, training resumes, the CLI works."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from estimator import input_fn, metrics, train
+from data_prep.manifest import PrepDir
+from estimator import input_fn, network, train
 from estimator.config import CONFIG_FILE, Config
+from export import score
+from mmrecall_cli import train as train_cli
 from mmrecall_testing.model_fixtures import tiny_config, write_prep_dir
 
 
 @pytest.fixture(scope="module")
-def prep_dir(tmp_path_factory):
-    return write_prep_dir(str(tmp_path_factory.mktemp("prep")), num_train=240,
-                          num_valid_queries=12, candidates=8, answers=2)
+def prep(tmp_path_factory):
+    return PrepDir(write_prep_dir(str(tmp_path_factory.mktemp("prep")), num_train=240,
+                                  num_valid_queries=12, candidates=8, answers=2))
 
 
 class _LossRecorder(tf.compat.v1.train.SessionRunHook):
@@ -46,22 +51,35 @@ class _RecordingExporter(tf.estimator.Exporter):
         return None
 
 
-def _valid_random_ndcg(data, cfg):
-    ds = input_fn.input_fn_builder(cfg, input_fn.split_files(data, "valid"),
-                                   tf.estimator.ModeKeys.EVAL)()
+def _valid_random_ndcg(prep, cfg):
+    """Mean NDCG@5 (the organiser's scorer) of 50 random rankings of the valid lists."""
+    ds = input_fn.input_fn_builder(cfg, prep.split_files("valid"),
+                                   tf.estimator.ModeKeys.EVAL, prep)()
     labels, qids = zip(*[(y.numpy(), f["query_id"].numpy()) for f, y in ds])
     labels, qids = np.concatenate(labels), np.concatenate(qids)
+    lists = [rows for rows in (np.nonzero(qids == q)[0] for q in np.unique(qids))
+             if labels[rows].any()]
     rng = np.random.RandomState(0)
-    return np.mean([metrics.ndcg_numpy(rng.uniform(size=labels.size), labels, qids)
-                    for _ in range(50)])
+    return np.mean([score.ndcg_at_5(rng.permutation(rows).tolist(),
+                                    rows[labels[rows] > 0].tolist())
+                    for _ in range(50) for rows in lists])
 
 
-def test_fits_a_tiny_data_set(prep_dir, tmp_path):
+def test_resolve_config_fills_the_data_fields_from_the_prep(prep):
+    cfg = train.resolve_config(Config(), prep)
+    assert cfg.data_dir == prep.path
+    assert cfg.word_embedding_size == prep.embedding_dim == 8
+    assert cfg.max_boxes == prep.max_boxes == 4
+    kept = train.resolve_config(Config(word_embedding_size=8, max_boxes=2), prep)
+    assert kept.max_boxes == 2                          # a set cap is kept
+
+
+def test_fits_a_tiny_data_set(prep, tmp_path):
     cfg = train.resolve_config(tiny_config(train_steps=100, save_checkpoints_steps=1000),
-                               prep_dir)
+                               prep)
     model_dir = str(tmp_path / "model")
     recorder, exporter = _LossRecorder(), _RecordingExporter()
-    after = train.train(cfg, prep_dir, model_dir, exporters=[exporter], train_hooks=[recorder])
+    after = train.train(cfg, prep, model_dir, exporters=[exporter], train_hooks=[recorder])
     assert len(exporter.calls) == 1
     checkpoint, eval_result, final = exporter.calls[0]
     assert checkpoint.endswith("model.ckpt-100") and final
@@ -71,7 +89,7 @@ def test_fits_a_tiny_data_set(prep_dir, tmp_path):
     assert len(losses) == 100
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-10:])
     # 2 answers among 8 candidates: a random ranking scores ~0.45 (computed, not assumed).
-    random_ndcg = _valid_random_ndcg(prep_dir, cfg)
+    random_ndcg = _valid_random_ndcg(prep, cfg)
     assert 0.3 < random_ndcg < 0.6
     assert after["ndcg@5"] > 0.85 and after["ndcg@5"] > random_ndcg + 0.3, (random_ndcg, after)
     saved = Config.load(model_dir)
@@ -86,18 +104,18 @@ def test_fits_a_tiny_data_set(prep_dir, tmp_path):
         assert tag in tags, sorted(tags)
 
 
-def test_same_seed_deterministic_runs_are_identical(prep_dir, tmp_path):
+def test_same_seed_deterministic_runs_are_identical(prep, tmp_path):
     cfg = train.resolve_config(tiny_config(deterministic=True, dropout=0.1, batch_size=8,
                                            shuffle_buffer=64, train_group_size=4,
-                                           group_window=16), prep_dir)
-    files = input_fn.split_files(prep_dir, "train")
+                                           group_window=16), prep)
+    files = prep.split_files("train")
 
     def run(name, seed):
         run_cfg = Config.from_dict({"seed": seed}, cfg)
         model_dir = str(tmp_path / name)
-        estimator = train.build_estimator(run_cfg, model_dir, prep_dir)
-        estimator.train(input_fn.input_fn_builder(run_cfg, files, tf.estimator.ModeKeys.TRAIN),
-                        max_steps=6)
+        estimator = train.build_estimator(run_cfg, model_dir, prep)
+        estimator.train(input_fn.input_fn_builder(run_cfg, files, tf.estimator.ModeKeys.TRAIN,
+                                                  prep), max_steps=6)
         return {name: tf.train.load_variable(model_dir, name)
                 for name, _ in tf.train.list_variables(model_dir)
                 if name.startswith("ranker/") and "Adam" not in name}
@@ -108,20 +126,20 @@ def test_same_seed_deterministic_runs_are_identical(prep_dir, tmp_path):
     assert all(np.array_equal(first[k], second[k]) for k in first)
 
 
-def test_resumes_from_checkpoint_and_continues_step_count(prep_dir, tmp_path):
+def test_resumes_from_checkpoint_and_continues_step_count(prep, tmp_path):
     model_dir = str(tmp_path / "model")
-    argv = ["--data", prep_dir, "--model-dir", model_dir, "--steps", "4",
+    argv = ["--data", prep.path, "--model-dir", model_dir, "--steps", "4",
             "--set", "hidden_size=24", "--set", "pooled_size=16", "--set",
             "intermediate_size=32", "--set", "box_hidden_size=32", "--set", "max_boxes=4",
             "--set", "batch_size=8", "--set", "save_checkpoints_steps=1000",
             "--set", "eval_throttle_secs=0", "--set", "eval_steps=1"]
-    assert train.main(argv) == 0
+    assert train_cli.main(argv) == 0
     assert tf.train.load_variable(model_dir, "global_step") == 4
     first = tf.train.load_variable(model_dir, "ranker/box_tower/feature_out/kernel")
     with open(os.path.join(model_dir, CONFIG_FILE)) as f:
         assert json.load(f)["hidden_size"] == 24
     # Second run: config comes back from config.json; only the step total changes.
-    assert train.main(["--data", prep_dir, "--model-dir", model_dir, "--steps", "7"]) == 0
+    assert train_cli.main(["--data", prep.path, "--model-dir", model_dir, "--steps", "7"]) == 0
     assert tf.train.load_variable(model_dir, "global_step") == 7
     assert Config.load(model_dir).hidden_size == 24 and Config.load(model_dir).train_steps == 7
     second = tf.train.load_variable(model_dir, "ranker/box_tower/feature_out/kernel")
@@ -139,10 +157,11 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
+from data_prep.manifest import PrepDir
 from estimator import train
 from estimator.config import Config
 
-prep_dir, model_dir = sys.argv[1], sys.argv[2]
+prep, model_dir = PrepDir(sys.argv[1]), sys.argv[2]
 cfg = Config.from_json(sys.argv[3])
 
 
@@ -171,29 +190,24 @@ class Losses(tf.compat.v1.train.SessionRunHook):
 
 
 copies, losses = ReplicaCopies(), Losses()
-metrics = train.train(cfg, prep_dir, model_dir, train_hooks=[copies, losses])
+metrics = train.train(cfg, prep, model_dir, train_hooks=[copies, losses])
 print("RESULT " + json.dumps({
     "metrics": {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0},
     "replica_copies": copies.result, "losses": losses.values}))
 """
 
 
-def test_mirrored_strategy_on_two_logical_cpus(prep_dir, tmp_path):
+def test_mirrored_strategy_on_two_logical_cpus(prep, tmp_path):
     """distribute=mirrored trains, evaluates and checkpoints the same variables."""
-    import subprocess
-    import sys
-
-    from estimator import network
-
     model_dir = str(tmp_path / "mirrored")
     cfg = train.resolve_config(tiny_config(
         train_steps=6, save_checkpoints_steps=1000, batch_size=8, distribute="mirrored",
-        distribute_devices=["/cpu:0", "/cpu:1"]), prep_dir)
+        distribute_devices=["/cpu:0", "/cpu:1"]), prep)
     script = tmp_path / "mirrored.py"
     script.write_text(_MIRRORED_SCRIPT)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=os.pathsep.join([os.path.dirname(__file__)] + sys.path))
-    proc = subprocess.run([sys.executable, str(script), prep_dir, model_dir, cfg.to_json()],
+    proc = subprocess.run([sys.executable, str(script), prep.path, model_dir, cfg.to_json()],
                           capture_output=True, text=True, timeout=240, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
@@ -214,7 +228,7 @@ def test_mirrored_strategy_on_two_logical_cpus(prep_dir, tmp_path):
     saved = dict(tf.train.list_variables(model_dir))
     assert not [n for n in saved if "replica" in n], sorted(saved)
     with tf.Graph().as_default():
-        ranker = network.build_ranker(cfg, int(input_fn.load_manifest(prep_dir)["vocab_size"]))
+        ranker = network.build_ranker(cfg, prep.vocab_size)
         var_map = ranker.variable_map()
         for name, var in var_map.items():
             assert saved[name] == var.shape.as_list(), name
@@ -224,3 +238,20 @@ def test_mirrored_strategy_on_two_logical_cpus(prep_dir, tmp_path):
             kernel = sess.run(var_map["ranker/box_tower/feature_out/kernel"])
     np.testing.assert_array_equal(
         kernel, tf.train.load_variable(model_dir, "ranker/box_tower/feature_out/kernel"))
+
+
+def test_prep_without_train_split_is_refused_before_anything_is_written(prep, tmp_path):
+    """A prep made without --train cannot be trained on: the error names the prep and the
+    model directory is not created."""
+    without_train = tmp_path / "prep"
+    without_train.mkdir()
+    manifest = dict(prep.manifest)
+    manifest["splits"] = {k: v for k, v in manifest["splits"].items() if k != "train"}
+    for name in os.listdir(prep.path):
+        if name != "manifest.json":
+            os.symlink(os.path.join(prep.path, name), without_train / name)
+    (without_train / "manifest.json").write_text(json.dumps(manifest))
+    model_dir = tmp_path / "model"
+    with pytest.raises(ValueError, match="no train split"):
+        train.train(tiny_config(), PrepDir(str(without_train)), str(model_dir))
+    assert not model_dir.exists()

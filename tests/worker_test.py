@@ -1,81 +1,23 @@
-"""write.py: the record encoder, one chunk -> one shard + sidecars, rejects and resume."""
+"""worker.py: one chunk -> one shard + sidecars, rejects, the box cap, duplicates, resume
+(checksums) and write failures."""
+import errno
 import os
 import subprocess
 import sys
 
+import google_crc32c
 import numpy as np
 import pytest
 
-from data_prep import geometry, schema, text, tsv, write
+from data_prep import geometry, schema, text, tfrecord, tsv, worker
 from mmrecall_testing import tsv_fixtures as fx
-
-
-@pytest.mark.parametrize("num_boxes, label", [(1, 1), (5, 0), (0, None), (3, None)])
-def test_encode_record_equals_schema_encode_example_byte_for_byte(num_boxes, label):
-    rng = np.random.default_rng(num_boxes)
-    args = dict(product_id=2 ** 40 + 3, query_id=7, image_h=800, image_w=600,
-                query='"silk" scarf é', query_lemmas=["silk", "scarf", "é"] if num_boxes else [],
-                query_key=2 ** 62 + 5, boxes=rng.random((num_boxes, 4), dtype=np.float32),
-                box_geometry=rng.random((num_boxes, 6), dtype=np.float32),
-                box_features=rng.random((num_boxes, schema.FEATURE_DIM), dtype=np.float32),
-                box_labels=rng.integers(0, 33, num_boxes) if num_boxes != 3 else
-                np.array([0, -2, 300]), label=label)
-    assert write.encode_record(**args) == schema.encode_example(**args)
-
-
-def _read_varint(data, pos):
-    value = shift = 0
-    while True:
-        value, pos, shift = value | (data[pos] & 0x7F) << shift, pos + 1, shift + 7
-        if data[pos - 1] < 0x80:
-            return value, pos
-
-
-def test_key_order_is_the_order_schema_encode_example_writes():
-    n = 1
-    data = schema.encode_example(0, 0, 1, 1, "q", ["q"], 0, np.zeros((n, schema.BOX_COORDS)),
-                                 np.zeros((n, schema.GEOMETRY_DIM)),
-                                 np.zeros((n, schema.FEATURE_DIM)), np.zeros(n, np.int64))
-    _, pos = _read_varint(data, 1)  # Example.features
-    keys = []
-    while pos < len(data):  # Features.feature map entries: key (field 1), value (field 2)
-        entry_len, pos = _read_varint(data, pos + 1)
-        key_len, key_pos = _read_varint(data, pos + 1)
-        keys.append(data[key_pos:key_pos + key_len].decode())
-        pos += entry_len
-    assert tuple(keys) == write.KEY_ORDER
-
-
-@pytest.mark.parametrize("compression", ["", "GZIP"])
-@pytest.mark.parametrize("sizes", [[], [0], [3, 70_001, 0, 129, 16_385]])
-def test_record_writer_writes_what_tf_writes_byte_for_byte(tmp_path, compression, sizes):
-    import tensorflow as tf
-
-    rng = np.random.default_rng(len(sizes))
-    records = [rng.integers(0, 4, size, np.uint8).tobytes() for size in sizes]  # compressible
-    with write.RecordWriter(str(tmp_path / "ours"), gzip=compression == "GZIP") as writer:
-        for record in records:
-            writer.write(record)
-    with tf.io.TFRecordWriter(str(tmp_path / "tf"),
-                              tf.io.TFRecordOptions(compression_type=compression)) as writer:
-        for record in records:
-            writer.write(record)
-    assert (tmp_path / "ours").read_bytes() == (tmp_path / "tf").read_bytes()
-    got = [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / "ours"), compression)]
-    assert got == records
-
-
-def test_masked_crc32c_by_hand():
-    # CRC32C("123456789") = 0xE3069283 (the standard check value); masked:
-    # rotate right by 15 -> 0x2507C60D, + 0xA282EAD8 -> 0xC78AB0E5 (mod 2^32), little-endian.
-    assert write.masked_crc32c(b"123456789") == bytes.fromhex("e5b08ac7")
 
 
 def _run_chunk(tmp_path, split, lines, config=None, rows_per_chunk=1000):
     path = fx.write_tsv(str(tmp_path / f"{split}.tsv"), lines)
-    config = config or write.ShardConfig(out_dir=str(tmp_path / "out"))
+    config = config or worker.ShardConfig(out_dir=str(tmp_path / "out"))
     chunk, = tsv.iter_chunks(path, rows_per_chunk, group_by_query=split != "train")
-    return write.process_chunk(write.ChunkTask(split, path, chunk), config), config
+    return worker.process_chunk(worker.ChunkTask(split, path, chunk), config), config
 
 
 def _parse(path, compression=""):
@@ -91,7 +33,7 @@ def test_round_trip_tsv_to_parsed_tensors(tmp_path):
     rows = [fx.random_row(rng, 103_000_000 + i, 42, query="Is children's DRESSES",
                           num_boxes=n, image_h=338, image_w=209) for i, n in enumerate([1, 4, 2])]
     answers = {42: frozenset({103_000_001})}
-    config = write.ShardConfig(out_dir=str(tmp_path / "out"), answers=answers)
+    config = worker.ShardConfig(out_dir=str(tmp_path / "out"), answers=answers)
     sidecar, _ = _run_chunk(tmp_path, "valid", [fx.line(r) for r in rows], config)
     assert sidecar["rows"] == 3 and sidecar["rejected"] == 0
     parsed = _parse(os.path.join(config.out_dir, sidecar["file"]))
@@ -145,7 +87,7 @@ def test_boxes_beyond_the_cap_keep_the_largest(tmp_path):
     row["boxes"] = np.array([[0, 0, 10, 10], [0, 0, 2, 2], [0, 0, 30, 30], [0, 0, 20, 20],
                              [0, 0, 1, 1]], np.float32)
     small = fx.random_row(rng, 10, 9, num_boxes=2)
-    config = write.ShardConfig(out_dir=str(tmp_path / "out"), max_boxes=3, gzip=True)
+    config = worker.ShardConfig(out_dir=str(tmp_path / "out"), max_boxes=3, gzip=True)
     sidecar, _ = _run_chunk(tmp_path, "test", [fx.line(row), fx.line(small)], config)
     assert sidecar["capped"] == 1 and sidecar["file"].endswith(".tfrecord.gz")
     got = _parse(os.path.join(config.out_dir, sidecar["file"]), "GZIP")
@@ -164,13 +106,13 @@ def test_finished_shard_is_reused_only_while_its_fingerprint_and_size_match(tmp_
     again, _ = _run_chunk(tmp_path, "train", lines, config)
     assert again["skipped"]
     changed, _ = _run_chunk(tmp_path, "train", lines,
-                            write.ShardConfig(out_dir=config.out_dir, max_boxes=2))
+                            worker.ShardConfig(out_dir=config.out_dir, max_boxes=2))
     assert not changed["skipped"]  # other options: rewritten
     shard = os.path.join(config.out_dir, changed["file"])
     with open(shard, "r+b") as f:
         f.truncate(100)
     repaired, _ = _run_chunk(tmp_path, "train", lines,
-                             write.ShardConfig(out_dir=config.out_dir, max_boxes=2))
+                             worker.ShardConfig(out_dir=config.out_dir, max_boxes=2))
     assert not repaired["skipped"] and os.path.getsize(shard) == changed["bytes"]
 
 
@@ -191,17 +133,8 @@ def test_a_chunk_that_shrank_after_chunking_is_refused_and_nothing_is_left(tmp_p
     open(path, "wb").write(data[:-len(lines[-1]) - 1])  # the last line is gone
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="3 lines and .* where 4"):
-        write.process_chunk(write.ChunkTask("train", path, chunk), write.ShardConfig(str(out)))
+        worker.process_chunk(worker.ChunkTask("train", path, chunk), worker.ShardConfig(str(out)))
     assert os.listdir(out / "train") == []
-
-
-def test_stale_temporaries_of_owned_shards_are_removed(tmp_path):
-    out = tmp_path / "out"
-    (out / "train").mkdir(parents=True)
-    for k in range(3):
-        (out / "train" / f".part-{k:05d}.tfrecord.tmp-host-1").write_bytes(b"x")
-    assert write.remove_stale_temporaries(str(out), "train", lambda k: k % 2 == 0) == 2
-    assert os.listdir(out / "train") == [".part-00001.tfrecord.tmp-host-1"]
 
 
 def test_cached_normalize_equals_text_normalize_query():
@@ -211,18 +144,9 @@ def test_cached_normalize_equals_text_normalize_query():
     queries += [" ".join(rng.choice(fx.WORDS + ("is", "are", "Was"), 4)) for _ in range(50)]
     for query in queries:
         for drop in (True, False):
-            lemmas, key = write.normalize(query, drop)
+            lemmas, key = worker.normalize(query, drop)
             assert list(lemmas) == text.normalize_query(query, drop_leading_be=drop), query
             assert key == text.query_key(lemmas)
-
-
-@pytest.mark.parametrize("value, encoded", [
-    (0, b"\x00"), (127, b"\x7f"), (128, b"\x80\x01"), (300, b"\xac\x02"),
-    (16384, b"\x80\x80\x01"), (2 ** 21, b"\x80\x80\x80\x01"),
-    (-1, b"\xff" * 9 + b"\x01"),  # int64 -1: ten bytes, as protobuf writes it
-])
-def test_varint_by_hand(value, encoded):
-    assert write._varint(value) == encoded
 
 
 def test_crlf_lines_and_a_missing_final_newline_give_the_same_records(tmp_path):
@@ -230,22 +154,58 @@ def test_crlf_lines_and_a_missing_final_newline_give_the_same_records(tmp_path):
     lf, _ = _run_chunk(tmp_path, "train", lines)
     crlf_path = tmp_path / "crlf.tsv"
     crlf_path.write_bytes(("\r\n".join([tsv.HEADER_LINE] + lines)).encode())  # no final EOL
-    config = write.ShardConfig(out_dir=str(tmp_path / "crlf_out"))
+    config = worker.ShardConfig(out_dir=str(tmp_path / "crlf_out"))
     chunk, = tsv.iter_chunks(str(crlf_path), 10, group_by_query=False)
-    crlf = write.process_chunk(write.ChunkTask("train", str(crlf_path), chunk), config)
+    crlf = worker.process_chunk(worker.ChunkTask("train", str(crlf_path), chunk), config)
     assert (crlf["rows"], crlf["rejected"]) == (3, 0)
     assert open(os.path.join(config.out_dir, crlf["file"]), "rb").read() == \
         open(os.path.join(str(tmp_path / "out"), lf["file"]), "rb").read()
 
 
 def test_writing_a_shard_does_not_import_tensorflow(tmp_path):
-    # TFRecords are framed here, so prep workers start in ~1 s instead of 4-5 s.
+    # Workers frame TFRecords themselves so that they start without loading TensorFlow.
     path = fx.write_tsv(str(tmp_path / "train.tsv"), [fx.line(r) for r in fx.train_rows(19, 3)])
     code = (f"import sys\n"
-            f"from data_prep import tsv, write\n"
+            f"from data_prep import tsv, worker\n"
             f"chunk, = tsv.iter_chunks({path!r}, 10, group_by_query=False)\n"
-            f"config = write.ShardConfig(out_dir={str(tmp_path / 'out')!r}, gzip=True)\n"
-            f"sidecar = write.process_chunk(write.ChunkTask('train', {path!r}, chunk), config)\n"
+            f"config = worker.ShardConfig(out_dir={str(tmp_path / 'out')!r}, gzip=True)\n"
+            f"sidecar = worker.process_chunk(worker.ChunkTask('train', {path!r}, chunk), config)\n"
             f"assert sidecar['rows'] == 3, sidecar\n"
             f"assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_sidecar_records_the_shard_checksum_and_duplicate_products(tmp_path):
+    rows = fx.grouped_rows(41, num_queries=2, per_query=3)
+    lines = [fx.line(r) for r in rows]
+    lines[1:1] = [lines[0], lines[0]]  # query 5000's first product twice more
+    sidecar, config = _run_chunk(tmp_path, "test", lines)
+    data = open(os.path.join(config.out_dir, sidecar["file"]), "rb").read()
+    assert sidecar["crc32c"] == google_crc32c.value(data) and sidecar["bytes"] == len(data)
+    assert (sidecar["rows"], sidecar["duplicates"]) == (8, 2)  # kept, and counted
+
+
+def test_a_flipped_byte_is_rewritten_with_the_reason(tmp_path):
+    lines = [fx.line(r) for r in fx.train_rows(42, 3)]
+    first, config = _run_chunk(tmp_path, "train", lines)
+    shard = os.path.join(config.out_dir, first["file"])
+    data = bytearray(open(shard, "rb").read())
+    data[100] ^= 0x10
+    open(shard, "wb").write(bytes(data))
+    again, _ = _run_chunk(tmp_path, "train", lines, config)
+    assert not again["skipped"] and again["rewritten"].startswith(
+        f"{shard}: content does not match its checksum")
+    assert open(shard, "rb").read() != bytes(data) and again["crc32c"] == first["crc32c"]
+    assert _run_chunk(tmp_path, "train", lines, config)[0]["rewritten"] is None
+
+
+def test_disk_full_names_the_shard_and_leaves_no_temporary(tmp_path, monkeypatch):
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tfrecord.RecordWriter, "_put", full)
+    with pytest.raises(OSError) as e:
+        _run_chunk(tmp_path, "train", [fx.line(r) for r in fx.train_rows(43, 2)])
+    shard = str(tmp_path / "out" / "train" / "part-00000.tfrecord")
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, shard)
+    assert os.listdir(tmp_path / "out" / "train") == []
