@@ -15,7 +15,8 @@ import sys
 import time
 from typing import Dict, List
 
-from data_prep import engine, prep, schema, shards, text
+from data_prep import engine, schema, shards, text
+from data_prep.os_errors import os_error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
     try:
         manifest = merge(args.out, args.parts)
     except OSError as e:
-        print(f"mmrecall prep-merge: error: {prep.os_error_line(e, args.out)}", file=sys.stderr)
+        print(f"mmrecall prep-merge: error: {os_error_line(e, args.out)}", file=sys.stderr)
         return 1
     except (engine.PrepError, KeyError, ValueError) as e:
         print(f"mmrecall prep-merge: error: {e}", file=sys.stderr)

@@ -10,13 +10,13 @@ Every failure ends as one line on stderr naming the file and what to do, exit st
 """
 import argparse
 import dataclasses
-import errno
 import os
 import sys
 import time
 
 from data_prep import engine, schema, tsv
 from data_prep.manifest import PrepDir, PrepDirError
+from data_prep.os_errors import os_error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,24 +110,6 @@ def print_summary(result: dict, out_dir: str, seconds: float) -> None:
               f"{os.path.join(out_dir, schema.MANIFEST_FILE)}")
     else:
         print(f"partial output written; finish with `mmrecall prep-merge --out {out_dir} ...`")
-
-
-def os_error_line(error: OSError, default_path: str) -> str:
-    """One line for a failed file operation: the path, the system's reason, what to do.
-
-    Args:
-      error: the OSError (its filename names the file when the system gave one).
-      default_path: the path to name when it did not (e.g. the output directory).
-    """
-    path = error.filename or default_path
-    reason = error.strerror or str(error)
-    if error.errno == errno.ENOSPC:
-        advice = "free space on that disk (or choose another --out) and rerun: it resumes"
-    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        advice = "make it writable or choose another --out, then rerun"
-    else:
-        advice = "fix it and rerun: it resumes"
-    return f"{path}: {reason}; {advice}"
 
 
 def verify(directory: str) -> int:

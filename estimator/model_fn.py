@@ -6,7 +6,8 @@ TRAIN: encode each row's query and product once; pick K negatives per positive a
   weighted losses (sigmoid CE on the cross logits, in-batch softmax on the pooled
   embeddings); the optimiser step of estimator.optimization.
 EVAL: the batch's own rows are the pairs (whole queries per batch, data labels 1/0); loss,
-  NDCG@5 (organiser's definition), AUC, and the same losses as in training.
+  NDCG@5 (organiser's definition), AUC, and the same losses as in training; plus a PR curve
+  and score / gate histograms as serialised-summary metrics (estimator.run_summaries).
 Towers only (Config.uses_matcher False: tower score served, no loss on cross logits): TRAIN
   samples no negatives and builds no pairs; EVAL reports no cross metrics.
 PREDICT: row-aligned scores (a row's score depends on that row only) plus the pooled
@@ -21,6 +22,7 @@ import tensorflow as tf
 
 from data_prep import schema
 from estimator import losses, metrics, negatives, network, optimization, outputs
+from estimator import run_summaries
 
 TRAIN = tf.estimator.ModeKeys.TRAIN
 EVAL = tf.estimator.ModeKeys.EVAL
@@ -194,6 +196,14 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
                 metric_ops[f"matcher/{key}"] = tf.compat.v1.metrics.mean(out[key])
         for name, value in parts.items():
             metric_ops[f"loss/{name}"] = tf.compat.v1.metrics.mean(value)
+        # PR curve and histograms for TensorBoard: values are serialised summaries, which
+        # the Estimator writes to the eval directory (and train.train drops from its result).
+        # Left out under a distribution strategy: a string value per replica cannot be
+        # reduced (the Estimator fetches the replicas' values as one).
+        if not tf.distribute.has_strategy():
+            gates = {"text": out["text_gate"], "box": out["box_gate"]} if with_matcher else {}
+            metric_ops.update(run_summaries.eval_picture_ops(tf.sigmoid(out[outputs.SCORE]),
+                                                             row_labels, gates))
         return tf.estimator.EstimatorSpec(mode, loss=total, eval_metric_ops=metric_ops)
 
     return model_fn

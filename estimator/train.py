@@ -4,12 +4,13 @@
     metrics = train(resolve_config(cfg, prep), prep, model_dir, exporters=[...])
 
 `resolve_config` fills the data-dependent Config fields from the prep (the only place they
-are derived); `train` saves the resolved config to MODEL_DIR/config.json, resumes from the
-latest checkpoint in MODEL_DIR and runs until the global step reaches `train_steps` (a
-total, not an increment). Evaluation on the valid split (whole queries per batch) runs at
-each checkpoint (at most every `eval_throttle_secs`) and at the end. The `mmrecall train`
-command (mmrecall_cli.train) builds the Config with `config_from_args` and wires in the
-export's best-NDCG@5 exporter.
+are derived); `train` saves the resolved config to MODEL_DIR/config.json (on the chief also
+as TensorBoard hparams and text, with the prep summary: estimator.run_summaries), resumes
+from the latest checkpoint in MODEL_DIR and runs until the global step reaches
+`train_steps` (a total, not an increment). Evaluation on the valid split (whole queries per
+batch) runs at each checkpoint (at most every `eval_throttle_secs`) and at the end. The
+`mmrecall train` command (mmrecall_cli.train) builds the Config with `config_from_args` and
+wires in the export's best-NDCG@5 exporter.
 
 Distributed: with TF_CONFIG set, `train_and_evaluate` runs the chief/worker/ps/evaluator
 roles (see `mmrecall cluster-local`); each worker reads a disjoint share of the training
@@ -18,12 +19,12 @@ files, the chief writes checkpoints, and the evaluator keeps the best export.
 import os
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import tensorflow as tf
 
 from data_prep.manifest import PrepDir
 from estimator import input_fn as input_lib
 from estimator import model_fn as model_lib
+from estimator import run_summaries
 from estimator.config import CONFIG_FILE, Config
 
 
@@ -104,8 +105,9 @@ def train(cfg: Config, prep: PrepDir, model_dir: str,
         best-NDCG@5 exporter).
       train_hooks: extra SessionRunHooks for training.
     Returns:
-      The final eval metrics {name: float}, or None when there is no valid split (or on a
-      non-chief task).
+      The final eval metrics {name: float} (the serialised-summary metrics of
+      run_summaries.eval_picture_ops left out), or None when there is no valid split (or on
+      a non-chief task).
     Raises:
       ValueError: the prep has no train split.
     """
@@ -115,6 +117,11 @@ def train(cfg: Config, prep: PrepDir, model_dir: str,
     cfg = resolve_config(cfg, prep)
     cfg.save(model_dir)
     estimator = build_estimator(cfg, model_dir, prep)
+    if estimator.config.is_chief:
+        # HParams and text summaries once per run; filed under the step it resumes from.
+        latest = tf.train.latest_checkpoint(model_dir)
+        step = tf.train.load_variable(latest, "global_step") if latest else 0
+        run_summaries.write_run_summaries(cfg, prep, model_dir, step=int(step))
     train_input = input_lib.input_fn_builder(cfg, train_files, tf.estimator.ModeKeys.TRAIN,
                                              prep)
     train_spec = tf.estimator.TrainSpec(train_input, max_steps=cfg.train_steps,
@@ -131,7 +138,7 @@ def train(cfg: Config, prep: PrepDir, model_dir: str,
     result = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
     if not result or not result[0]:
         return None
-    return {k: (float(v) if np.ndim(v) == 0 else v) for k, v in result[0].items()}
+    return run_summaries.scalar_metrics(result[0])
 
 
 def config_from_args(args) -> Config:

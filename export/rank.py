@@ -48,6 +48,7 @@ import numpy as np
 
 from data_prep import schema
 from data_prep import tsv
+from data_prep.os_errors import os_error_line
 from estimator import outputs
 from export import product_graph as pg
 from export import signatures as sig_lib
@@ -92,6 +93,9 @@ def resolve_model_dir(path: str) -> str:
     """A SavedModel directory: `path` itself, or its newest numeric version (as TF Serving)."""
     if os.path.exists(os.path.join(path, "saved_model.pb")):
         return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such SavedModel directory; give the --export-dir "
+                                f"of mmrecall export or one of its version directories")
     versions = [d for d in os.listdir(path) if d.isdigit() and
                 os.path.exists(os.path.join(path, d, "saved_model.pb"))]
     if not versions:
@@ -507,6 +511,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           rejects_path=args.rejects)
     except RankError as e:
         print(f"mmrecall rank: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a missing --model / --input, a read-only or full --out, ...
+        line = str(e) if e.filename is None else os_error_line(e, args.out, rerun="rerun")
+        print(f"mmrecall rank: {line}", file=sys.stderr)
         return 1
     if stats["rejected_rows"]:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats["reasons"].items()))

@@ -7,10 +7,13 @@ Config precedence: defaults < DIR/config.json (when resuming) < --config < --set
 (estimator.train.config_from_args). The resolved config is written to DIR/config.json.
 Training resumes from the latest checkpoint in DIR and runs until the global step reaches
 `train_steps` (a total, not an increment). Evaluation on the valid split runs at each
-checkpoint (at most every `eval_throttle_secs`) and at the end; the final metrics are
-printed. Unless --no-export-best, the best SavedModel by valid NDCG@5 is kept in
-DIR/export/best_ndcg/ (export.best_exporter.BestNdcgExporter, wired in here so that the
-estimator package does not depend on export).
+checkpoint (at most every `eval_throttle_secs`) and at the end; each evaluation is printed
+as one line ("eval @ step S: ndcg@5 ..."), and the final metrics as JSON. The chief prints
+one progress line per `log_step_count_steps` (step / total, steps/s, elapsed, ETA;
+estimator.progress). TensorBoard summaries: see estimator.run_summaries. Unless
+--no-export-best, the best SavedModel by valid NDCG@5 is kept in DIR/export/best_ndcg/
+(export.best_exporter.BestNdcgExporter, wired in here so that the estimator package does
+not depend on export).
 
 Distributed: with TF_CONFIG set, `train_and_evaluate` runs the chief/worker/ps/evaluator
 roles (see `mmrecall cluster-local`); each worker reads a disjoint share of the training
@@ -25,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_prep.manifest import PrepDir, PrepDirError
+from estimator import progress
 from estimator import train as train_lib
 from export.best_exporter import BestNdcgExporter
 
@@ -83,8 +87,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     tf.compat.v1.logging.set_verbosity(tf.compat.v1.logging.INFO)
     cfg = train_lib.config_from_args(args)
-    exporters = [] if args.no_export_best else [BestNdcgExporter(prep)]
-    metrics = train_lib.train(cfg, prep, args.model_dir, exporters=exporters)
+    exporters = [progress.EvalLinePrinter()]
+    if not args.no_export_best:
+        exporters.append(BestNdcgExporter(prep))
+    # Progress lines from the chief only (RunConfig reads TF_CONFIG).
+    hooks = ([progress.ProgressHook(cfg.train_steps, cfg.log_step_count_steps)]
+             if tf.estimator.RunConfig().is_chief else [])
+    metrics = train_lib.train(cfg, prep, args.model_dir, exporters=exporters,
+                              train_hooks=hooks)
     if metrics is not None:
         printable = {k: v for k, v in sorted(metrics.items()) if np.ndim(v) == 0}
         print("final eval: " + json.dumps(printable, sort_keys=True))

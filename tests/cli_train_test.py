@@ -9,6 +9,7 @@ import pytest
 
 import mmrecall_cli
 from data_prep.manifest import PrepDir
+from estimator import progress
 from export.best_exporter import BestNdcgExporter
 from mmrecall_cli import train as cli_train
 from mmrecall_testing import model_fixtures
@@ -24,7 +25,8 @@ def _stub_train(monkeypatch, result):
     calls = []
 
     def fake_train(cfg, prep, model_dir, exporters=None, train_hooks=None):
-        calls.append(dict(cfg=cfg, prep=prep, model_dir=model_dir, exporters=exporters))
+        calls.append(dict(cfg=cfg, prep=prep, model_dir=model_dir, exporters=exporters,
+                          train_hooks=train_hooks))
         return result
 
     monkeypatch.setattr(cli_train.train_lib, "train", fake_train)
@@ -45,8 +47,11 @@ def test_main_wires_the_best_exporter_and_prints_final_eval(prep_path, tmp_path,
     assert isinstance(call["prep"], PrepDir) and call["prep"].path == prep_path
     assert call["model_dir"] == model_dir
     assert (call["cfg"].train_steps, call["cfg"].batch_size) == (7, 4)
-    (exporter,) = call["exporters"]
+    printer, exporter = call["exporters"]
+    assert isinstance(printer, progress.EvalLinePrinter)    # one line per evaluation
     assert isinstance(exporter, BestNdcgExporter) and exporter.name == "best_ndcg"
+    (hook,) = call["train_hooks"]                             # the chief prints progress
+    assert isinstance(hook, progress.ProgressHook)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("final eval: ")
     # Scalars only, sorted keys.
@@ -57,7 +62,7 @@ def test_no_export_best_and_no_valid_split(prep_path, tmp_path, monkeypatch, cap
     calls = _stub_train(monkeypatch, None)
     assert cli_train.main(["--data", prep_path, "--model-dir", str(tmp_path / "m"),
                            "--no-export-best"]) == 0
-    assert calls[0]["exporters"] == []
+    assert [type(e) for e in calls[0]["exporters"]] == [progress.EvalLinePrinter]
     assert "final eval" not in capsys.readouterr().out
 
 

@@ -2,6 +2,7 @@
 
 The run through a real SavedModel (scores and top 5 equal to the Estimator's) is in
 export_test.py, which already holds an export; the CLI run is in end_to_end_test.py."""
+import errno
 import os
 
 import numpy as np
@@ -306,3 +307,30 @@ def test_rows_the_model_refuses_are_skipped_and_the_rest_scored(tmp_path):
                                         ["8", "2", "21", "query", "model"]]
     assert rejects[0][5] == "query: empty after normalisation (no word left)"
     assert _read(out)[1:] == ["1,14,13,12,11,10", "2,20,21,10,11,12", "3,34,33,32,31,30"]
+
+
+def test_missing_model_missing_input_and_unwritable_out_are_one_line_errors(
+        tmp_path, monkeypatch, capsys):
+    """Each fault is one line naming the path and what to do, exit 1, and no output."""
+    path, rows = _write(tmp_path, [(1, "red dress", [10, 11, 12, 13, 14, 15])])
+    out = str(tmp_path / "out" / "sub.csv")
+    assert rank.main(["--model", str(tmp_path / "no-model"), "--input", path, "--out", out]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mmrecall rank: {tmp_path / 'no-model'}: no such SavedModel")
+    assert "\n" not in err and not os.path.exists(os.path.dirname(out))
+
+    monkeypatch.setattr(rank, "SavedModelScorer", lambda *a, **k: _stub(rows, float))
+    missing = str(tmp_path / "missing.tsv")
+    assert rank.main(["--model", "unused", "--input", missing, "--out", out]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"mmrecall rank: {missing}: No such file or directory; check the path, then rerun")
+
+    def read_only(*args, dir=None, **kwargs):           # a read-only --out disk
+        raise OSError(errno.EROFS, "Read-only file system", dir)
+
+    monkeypatch.setattr(rank.tempfile, "mkstemp", read_only)
+    assert rank.main(["--model", "unused", "--input", path, "--out", out]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mmrecall rank: {tmp_path / 'out'}") and err.endswith(
+        "Read-only file system; make it writable or choose another --out, then rerun")
+    assert not os.path.exists(out)
