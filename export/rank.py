@@ -179,6 +179,47 @@ def iter_query_groups(path: str, rejects: Optional[List[Reject]] = None
         yield group
 
 
+class SessionExport(NamedTuple):
+    """A SavedModel loaded as the TF Serving model server loads it: the TF1 loader into a
+    Session of its own graph. `tensors[(signature, output)]` = (input tensors by key, the
+    output tensor), for `Session.run`."""
+    path: str
+    session: object
+    tensors: Dict[Tuple[str, str], Tuple[Dict[str, object], object]]
+
+
+def load_session_export(model_dir: str, wanted: Sequence[Tuple[str, str]]) -> SessionExport:
+    """Loads a SavedModel into a Session and looks up the (signature, output) pairs `wanted`.
+
+    Args:
+      model_dir: a SavedModel directory or its export base (newest version used).
+      wanted: (signature name, output key) pairs the caller will run.
+    Raises:
+      FileNotFoundError: no SavedModel there.
+      KeyError: a signature or output is missing (message names the export and what it has).
+    """
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401  registers NormalizeUTF8 used by the graph
+
+    path = resolve_model_dir(model_dir)
+    graph = tf.Graph()
+    with graph.as_default():
+        session = tf.compat.v1.Session(graph=graph)
+        meta = tf.compat.v1.saved_model.load(session, [tf.saved_model.SERVING], path)
+    tensors = {}
+    for name, output in wanted:
+        sig = meta.signature_def.get(name)
+        if sig is None or output not in sig.outputs:
+            session.close()
+            raise KeyError(f"{path}: no signature {name!r} with output {output!r} "
+                           f"(has {sorted(meta.signature_def)}); export it again with "
+                           f"this version of mmrecall")
+        tensors[(name, output)] = (
+            {k: graph.get_tensor_by_name(v.name) for k, v in sig.inputs.items()},
+            graph.get_tensor_by_name(sig.outputs[output].name))
+    return SessionExport(path, session, tensors)
+
+
 class SavedModelScorer:
     """Scores candidate lists with a SavedModel's `rank` signature (and pairs with its
     serving_default).
@@ -200,7 +241,6 @@ class SavedModelScorer:
           first_stage: score lists by `rank`'s first_stage_scores instead of its scores.
         """
         import tensorflow as tf
-        import tensorflow_text  # noqa: F401  registers NormalizeUTF8 used by the graph
 
         self._tf = tf
         self._session = None
@@ -209,23 +249,10 @@ class SavedModelScorer:
         if loaded is not None:
             self.path = model_dir
             return
-        self.path = resolve_model_dir(model_dir)
-        graph = tf.Graph()
-        with graph.as_default():
-            self._session = tf.compat.v1.Session(graph=graph)
-            meta = tf.compat.v1.saved_model.load(
-                self._session, [tf.saved_model.SERVING], self.path)
-        self._tensors = {}
-        for name, output in ((sig_lib.SERVING_DEFAULT, outputs.SCORE),
-                             (sig_lib.RANK, self._list_output)):
-            sig = meta.signature_def.get(name)
-            if sig is None or output not in sig.outputs:
-                raise KeyError(f"{self.path}: no signature {name!r} with output {output!r} "
-                               f"(has {sorted(meta.signature_def)}); export it again with "
-                               f"this version of mmrecall")
-            self._tensors[name] = (
-                {k: graph.get_tensor_by_name(v.name) for k, v in sig.inputs.items()},
-                graph.get_tensor_by_name(sig.outputs[output].name))
+        export = load_session_export(model_dir, [(sig_lib.SERVING_DEFAULT, outputs.SCORE),
+                                                 (sig_lib.RANK, self._list_output)])
+        self.path, self._session = export.path, export.session
+        self._tensors = {name: tensors for (name, _), tensors in export.tensors.items()}
 
     def _run(self, signature: str, output: str, inputs: Dict[str, np.ndarray]) -> np.ndarray:
         if self._session is not None:
@@ -360,7 +387,9 @@ def field_message(message: str) -> str:
     return lines[-1] if lines else message
 
 
-def _write_atomic(path: str, lines: Iterator[str]) -> None:
+def write_lines_atomic(path: str, lines: Iterator[str]) -> None:
+    """Streams `lines` (each gets a newline) into `path` under a temporary name in its
+    folder, renamed into place when complete; the temporary is removed on any failure."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=directory)
@@ -468,12 +497,12 @@ def rank_file(model_dir: str, input_path: str, out_path: str,
     all_rejects = sorted((rejects or []) + model_rejects)
     if skip:
         rejects_path = rejects_path or default_rejects_path(out_path)
-        _write_atomic(rejects_path, ["\t".join(REJECTS_HEADER)] + [
+        write_lines_atomic(rejects_path, ["\t".join(REJECTS_HEADER)] + [
             "\t".join("" if v is None else str(v) for v in r) for r in all_rejects])
-    _write_atomic(out_path, [",".join(schema.SUBMISSION_HEADER)] +
+    write_lines_atomic(out_path, [",".join(schema.SUBMISSION_HEADER)] +
                   [",".join(map(str, [qid] + ids)) for qid, ids in ranked])
     if scores_path:
-        _write_atomic(scores_path, score_lines)
+        write_lines_atomic(scores_path, score_lines)
     reasons: Dict[str, int] = {}
     for r in all_rejects:
         reasons[r.reason] = reasons.get(r.reason, 0) + 1

@@ -2,19 +2,17 @@
 import json
 import os
 
+from data_prep import shards
+
 
 def write_report(path: str, report: dict, indent: int = 1) -> str:
-    """Writes `report` as JSON to `path` (its folder is created), under a temporary name
-    renamed when complete, so an interrupted bench never leaves a truncated result.
+    """Writes `report` as JSON to `path` (its folder is created) through
+    data_prep.shards.write_atomic, so an interrupted bench never leaves a truncated result.
 
     Returns:
       the absolute path written.
     """
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=indent)
-        f.write("\n")
-    os.replace(tmp, path)
+    shards.write_atomic(path, (json.dumps(report, indent=indent) + "\n").encode("utf-8"))
     return path

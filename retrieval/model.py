@@ -42,27 +42,16 @@ class ExportModel:
         Raises:
           ModelError: a signature or output is missing.
         """
-        import tensorflow as tf
-        import tensorflow_text  # noqa: F401  registers NormalizeUTF8 used by the graph
-
-        self.path = rank_lib.resolve_model_dir(model_dir)
-        self.graph = tf.Graph()
-        with self.graph.as_default():
-            self.session = tf.compat.v1.Session(graph=self.graph)
-            self.meta = tf.compat.v1.saved_model.load(
-                self.session, [tf.saved_model.SERVING], self.path)
-        self._sigs = {}
-        for name, output in ((sig_lib.EMBED_QUERY, sig_lib.EMBEDDING),
-                             (sig_lib.EMBED_PRODUCT, sig_lib.EMBEDDING),
-                             (sig_lib.RANK, sig_lib.SCORES),
-                             (sig_lib.RANK, sig_lib.FIRST_STAGE_SCORES)):
-            sig = self.meta.signature_def.get(name)
-            if sig is None or output not in sig.outputs:
-                raise ModelError(f"{self.path}: no signature {name!r} with output {output!r} "
-                                 f"(has {sorted(self.meta.signature_def)})")
-            feeds = {k: self.graph.get_tensor_by_name(v.name) for k, v in sig.inputs.items()}
-            self._sigs[(name, output)] = (feeds, self.graph.get_tensor_by_name(
-                sig.outputs[output].name))
+        try:
+            export = rank_lib.load_session_export(
+                model_dir, [(sig_lib.EMBED_QUERY, sig_lib.EMBEDDING),
+                            (sig_lib.EMBED_PRODUCT, sig_lib.EMBEDDING),
+                            (sig_lib.RANK, sig_lib.SCORES),
+                            (sig_lib.RANK, sig_lib.FIRST_STAGE_SCORES)])
+        except KeyError as e:
+            raise ModelError(e.args[0]) from None
+        self.path, self.session = export.path, export.session
+        self._sigs = export.tensors
         self._fingerprint = None
 
     def tensor(self, signature: str, output: str):

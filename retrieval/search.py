@@ -194,7 +194,7 @@ def search_file(searcher: Searcher, queries_path: str, out_path: Optional[str],
                                   f"fewer than {schema.NDCG_K}; search with --exact")
             lines.append(",".join([qid] + [str(h.product_id) for h in row]))
     if out_path:
-        rank_lib._write_atomic(out_path, lines)
+        rank_lib.write_lines_atomic(out_path, lines)
     else:
         print("\n".join(lines))
     return len(queries)
@@ -242,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{i}\t{h.product_id}\t{h.score:.6g}\t{h.retrieval_score:.6g}"
             for i, h in enumerate(hits, start=1)]
         if args.out:
-            rank_lib._write_atomic(args.out, lines)
+            rank_lib.write_lines_atomic(args.out, lines)
         else:
             print("\n".join(lines))
         return 0
