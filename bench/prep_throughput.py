@@ -1,13 +1,15 @@
 """Throughput of `mmrecall prep` against a decode-only baseline, measured in one run.
 
 Generates its own competition-format TSV (random rows via tsv.encode_row), then times:
-  decode    read the TSV line by line, split on tabs, base64-decode boxes/features/labels,
-            np.frombuffer: the least any reader must do;
+  decode    read the TSV line by line, split on tabs, base64-decode boxes/features/labels
+            with prep's decoder (pybase64, SIMD), np.frombuffer: the least any reader must
+            do;
   decode_2  the same work split over 2 processes (each decodes half the file's bytes, with
             no coordination at all): the most 2 processes of this work gain on this machine,
             the ceiling for prep_2 / prep_1. On a machine whose 2 vCPUs share one physical
             core's execution units it is well below 2;
-  prep_1  engine.run with 1 worker (in the main process);
+  prep_1  engine.run with 1 worker (in the main process, its query caches emptied first,
+          as a new worker process starts);
   prep_2  engine.run with 2 worker processes.
 Prep rates are over the shard-writing phase (workers started and warm, vocabulary/word2vec
 excluded); end-to-end wall times are reported beside them. The three are interleaved for
@@ -25,7 +27,6 @@ Targets: prep_1 >= 0.5 x decode, prep_2 >= 1.7 x prep_1.
                                   [--json bench/results/prep_throughput.json]
 """
 import argparse
-import base64
 import multiprocessing
 import os
 import resource
@@ -36,8 +37,9 @@ import tempfile
 import time
 
 import numpy as np
+import pybase64
 
-from data_prep import engine, schema, tsv
+from data_prep import engine, schema, tsv, worker
 from mmrecall_testing.bench_report import write_report
 
 TARGETS = {"prep1_vs_decode": 0.5, "prep2_vs_prep1": 1.7}
@@ -77,9 +79,9 @@ def decode_range(path: str, begin: int, end: int) -> float:
                 break
             position += len(line)
             fields = line.rstrip(b"\n").split(b"\t")
-            np.frombuffer(base64.b64decode(fields[4]), "<f4")
-            np.frombuffer(base64.b64decode(fields[5]), "<f4")
-            np.frombuffer(base64.b64decode(fields[6]), "<i8")
+            np.frombuffer(pybase64.b64decode(fields[4], validate=True), "<f4")
+            np.frombuffer(pybase64.b64decode(fields[5], validate=True), "<f4")
+            np.frombuffer(pybase64.b64decode(fields[6], validate=True), "<i8")
     return time.process_time() - cpu
 
 
@@ -100,6 +102,9 @@ def decode_split(path: str, pool) -> dict:
 
 def time_prep(path: str, workers: int, rows_per_shard: int) -> dict:
     out = tempfile.mkdtemp(prefix=f"prep_bench_w{workers}_")
+    # prep_1 runs in this process, whose query caches earlier rounds filled with this very
+    # file's queries; prep_2's workers are new processes that start without them.
+    worker.clear_caches()
     try:
         start = time.perf_counter()
         result = engine.run(engine.PrepOptions(out=out, train=path, workers=workers,

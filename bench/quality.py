@@ -4,6 +4,7 @@
                             [--model-seeds 7,8,9] [--work-dir DIR] [--data PREP_DIR]
                             [--steps N] [--batch-size N] [--train-rows N]
                             [--valid-queries 150] [--max-boxes N] [--seed 7] [--set k=v ...]
+                            [--export-fit]
 
 Data: each preset of `mmrecall generate` (data_prep.synth.PRESETS) is generated at the data
 seed `--seed` and prepared once into WORK_DIR/data/<preset>-..., reused by later runs with
@@ -15,9 +16,10 @@ Variants are named Config override sets (VARIANTS), each with its own training b
                   softmax only, plain random batches, width 128, batch 128, dropout 0,
                   Adam 1e-3 (constant, no clipping), 800 steps; towers only (no matcher)
   default         the Config defaults and their steps
-  b_towers, b_towers_plain, c_seed, d_full
+  b_towers, b_towers_plain, c_seed, d_full, d_tower
                   single changes of the default (towers alone; the plainest full model;
-                  the default scored by its cross logit only), at the default budget
+                  the default scored by its cross logit only, or by its towers only),
+                  at the default budget
 A variant spec may add changes to a name: `default+pooling=mean`,
 `two_tower+hidden_size=64+pooled_size=64` (values as in `--set`); `--variants ablations`
 runs ABLATIONS, one setting at a time between the default and the two-tower in both
@@ -26,8 +28,11 @@ sampler, K, focal / listwise losses, score weights, word2vec freezing, steps).
 `--steps` / `--batch-size` force one budget on every variant (e.g. a quick smoke run);
 `--set` applies to every variant after its own overrides.
 
-Every run reports the served score's NDCG@5 ("ndcg@5", the `rank` signature's score) unless
-its variant names another metric; per preset and variant the table gives the mean, the
+Every run reports the trained serving score's NDCG@5 ("ndcg@5", as the Estimator evaluates
+it) unless its variant names another metric. `--export-fit` adds, per run, what `mmrecall
+export` would serve, out of fold on the valid lists (export.list_fit.fit_lists): the first
+stage with its tower weight fitted, and that first stage plus the fitted list stage (the
+`rank` signature's scores); each gets its own row. Per preset and variant the table gives the mean, the
 population std over model seeds, every seed's value and the wall time per run (training and
 evaluation; threads follow the CPUs the process may use, e.g. `taskset -c 1`). A random
 ranking row per preset gives the floor. The JSON (default bench/results/quality.json) is
@@ -57,11 +62,17 @@ from data_prep.manifest import PrepDir, PrepDirError  # noqa: E402
 from estimator import input_fn as input_lib  # noqa: E402
 from estimator import train  # noqa: E402
 from estimator.config import Config, parse_assignments  # noqa: E402
-from export import score  # noqa: E402
+from export import list_fit, score  # noqa: E402
 from mmrecall_testing.bench_report import write_report  # noqa: E402
 
 SERVED = "ndcg@5"
 RESULT_FILE = "bench_result.json"
+EXPORT_FIT_FILE = "bench_export_fit.json"
+# With --export-fit, per run: the export's fit on the valid lists (export.list_fit.fit_lists).
+EXPORT_FIT_METRICS = {
+    "export/first_stage_fitted": "served first stage: tower weight fitted (out of fold)",
+    "export/served": "served ranking: fitted first stage + list stage (out of fold)",
+}
 
 # The plain two-tower of the issue: what a one-minute baseline gets on the same data.
 TWO_TOWER = {
@@ -87,30 +98,30 @@ VARIANTS = {
                {"sampler": "random", "loss_weights": {"log_loss": 1.0},
                 "serving_score": "cross", "train_group_size": 0}, SERVED),
     "d_full": ("default config scored by its cross logit only", {}, "ndcg@5_cross"),
+    "d_tower": ("default config scored by its towers' cosine only", {}, "ndcg@5_tower"),
 }
 
 # `--variants ablations`: one difference between the default and the two-tower at a time,
 # in both directions, then the other settings the issue lists (spec syntax: variant_spec).
 _TWO_TOWER_STEPS = [  # each moves one setting of the default to the two-tower's value
     "pooling=mean", "region_features=raw", "max_boxes=8",
-    "hidden_size=128+pooled_size=128+intermediate_size=256", "batch_size=128", "dropout=0",
+    "hidden_size=128+pooled_size=128+intermediate_size=256", "dropout=0",
     "optimizer=adam+warmup_steps=0+decay=constant+weight_decay=0+clip_norm=0",
-    "train_group_size=0", 'serving_score=tower+loss_weights={"softmax":1}',
-    "train_steps=800",
+    "train_group_size=0", 'loss_weights={"softmax":1}', "train_steps=800",
 ]
 _DEFAULT_STEPS = [  # the reverse: each moves one setting of the two-tower to the default's
     "pooling=attention", "region_features=log1p", "max_boxes=0",
-    "hidden_size=64+pooled_size=64+intermediate_size=128", "batch_size=64", "dropout=0.1",
+    "hidden_size=64+pooled_size=64+intermediate_size=128", "dropout=0.1",
     "optimizer=adamw+warmup_steps=100+decay=cosine+weight_decay=0.01+clip_norm=1",
     "train_group_size=8", "train_steps=2000",
-    'serving_score=sum+loss_weights={"softmax":1,"log_loss":1}+num_negatives=4',
+    'loss_weights={"softmax":1,"log_loss":1}+num_negatives=4',
 ]
 _OTHER_STEPS = [  # settings of the default the issue asks to ablate beyond the differences
     "temperature=0.05", "temperature=0.2", "cross_to_tower_gradient=0",
     "cross_to_tower_gradient=1", "sampler=random", "sampler=mixed", "num_negatives=8",
     'loss_weights={"softmax":1,"focal":1}', 'loss_weights={"softmax":1,"cross_softmax":1}',
-    'loss_weights={"softmax":1,"log_loss":0.3}', "tower_score_weight=0.3",
-    "tower_score_weight=3", "trainable_embeddings=false", "train_steps=4000",
+    'loss_weights={"softmax":1,"log_loss":0.3}', "serving_score=sum",
+    "serving_score=cross", "batch_size=64", "trainable_embeddings=false", "train_steps=4000",
 ]
 ABLATIONS = ([f"default+{c}" for c in _TWO_TOWER_STEPS + _OTHER_STEPS]
              + [f"two_tower+{c}" for c in _DEFAULT_STEPS])
@@ -268,9 +279,34 @@ def run_once(cfg: Config, prep: PrepDir, model_dir: str) -> Dict:
     return run
 
 
-def summary_row(preset: str, name: str, runs: List[Dict]) -> Dict:
-    """One table row: mean and population std of the variant's metric over the seeds."""
+def export_fit(cfg: Config, prep: PrepDir, model_dir: str) -> Dict[str, float]:
+    """What `mmrecall export` would serve from the run's final checkpoint, out of fold on
+    the valid lists: {EXPORT_FIT_METRICS key: NDCG@5, "export/tower_weight": the weight
+    chosen on all lists (inf: the towers alone)}; cached in the model dir."""
+    path = os.path.join(model_dir, EXPORT_FIT_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    checkpoint = tf.train.latest_checkpoint(model_dir)
+    lists = list_fit.list_arrays(cfg, prep, checkpoint)
+    _, _, record = list_fit.fit_lists(lists, cfg)
+    mix, prf = record["score_mix"], record["fit"]
+    weight = mix["tower_weight"]
+    figures = {"export/first_stage_fitted": mix["fitted_ndcg@5_out_of_fold"],
+               "export/served": prf["prf_ndcg@5_out_of_fold"],
+               "export/tower_weight": float("inf") if weight == "tower" else float(weight)}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(figures, f, indent=2)
+    return figures
+
+
+def summary_row(preset: str, name: str, runs: List[Dict], metric: str = "") -> Dict:
+    """One table row: mean and population std of the variant's metric (or of `metric`, an
+    EXPORT_FIT_METRICS key) over the seeds."""
     description, _, key = variant_spec(name)
+    if metric:
+        description, key = EXPORT_FIT_METRICS[metric], metric
+        name = f"{name} [{metric}]"
     values = [r["eval"][key] for r in runs]
     return {"preset": preset, "variant": name, "description": description, "metric": key,
             "ndcg@5": float(np.mean(values)), "ndcg@5_std": float(np.std(values)),
@@ -327,6 +363,10 @@ def parse_args(argv=None):
                         "`ablations` = the prepared list (ABLATIONS)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every variant")
+    parser.add_argument("--export-fit", action="store_true",
+                        help="also report what the export would serve: the first stage's "
+                             "tower weight and the list stage fitted on the valid lists, "
+                             "out of fold (export.list_fit.fit_lists)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "quality.json"))
     args = parser.parse_args(argv)
     args.variant_names = split_specs(args.variants)
@@ -372,13 +412,20 @@ def main(argv=None):
                 digest = hashlib.sha1(cfg.to_json().encode()).hexdigest()[:12]
                 model_dir = os.path.join(work, "models", preset, f"seed{seed}-{digest}")
                 runs.append(run_once(cfg, prep, model_dir))
+                fitted = ""
+                if args.export_fit:
+                    runs[-1]["eval"].update(export_fit(cfg, prep, model_dir))
+                    fitted = "; export fit: " + ", ".join(
+                        f"{k} {runs[-1]['eval'][k]:.4f}" for k in EXPORT_FIT_METRICS)
                 print(f"[{preset}] {name} seed {seed}: NDCG@5 "
                       f"{runs[-1]['eval'][variant_spec(name)[2]]:.4f} in "
-                      f"{runs[-1]['seconds']:.0f}s", flush=True)
+                      f"{runs[-1]['seconds']:.0f}s{fitted}", flush=True)
                 save_report(args, data, rows + [summary_row(preset, name, runs)])
-            rows.append(summary_row(preset, name, runs))
-            print(f"[{preset}] {name}: NDCG@5 {rows[-1]['ndcg@5']:.4f} "
-                  f"+- {rows[-1]['ndcg@5_std']:.4f} over {len(runs)} seed(s)", flush=True)
+            metrics = [""] + (list(EXPORT_FIT_METRICS) if args.export_fit else [])
+            for metric in metrics:
+                rows.append(summary_row(preset, name, runs, metric))
+                print(f"[{preset}] {rows[-1]['variant']}: NDCG@5 {rows[-1]['ndcg@5']:.4f} "
+                      f"+- {rows[-1]['ndcg@5_std']:.4f} over {len(runs)} seed(s)", flush=True)
     save_report(args, data, rows)
     print("\n" + markdown_table(rows))
     print(f"wrote {args.out}")

@@ -27,8 +27,11 @@ slows them alike and the ratios to the Estimator stay comparable:
   baseline_tf2_function_rank  with --baseline-export: `rank` of another export (e.g. one written
                        by an older version of export/) in the same run.
 
-`ratio_to_estimator` gives each case's p50 over the Estimator's p50. The load average at
-start and end is recorded (the machine may be shared).
+`ratio_to_estimator` gives each case's p50 over the Estimator's p50. `split_p50_ms` splits
+`rank` per input kind (base64 text, raw bytes) into the in-graph preprocessing (the
+preprocessing_only p50) and the rest (model, list stage; total minus preprocessing: feeding
+the model's inputs, as model_only does, adds a copy of them that `rank` never makes). The
+load average at start and end is recorded (the machine may be shared).
 
 Prints and writes JSON (default bench/results/serving.json). Without --model-dir/--data/
 --export it builds a tiny world itself (generated data, prep, a randomly initialised
@@ -300,6 +303,19 @@ def estimator_case(model_dir, prep, rows, batches):
     return step, setup_s, first
 
 
+def _split(stats) -> dict:
+    """{"base64" | "raw_bytes": {"preprocessing", "model", "total"}} p50 ms of `rank`."""
+    out = {}
+    for kind, suffix in (("base64", ""), ("raw_bytes", "_raw_bytes")):
+        total = stats.get("saved_model_rank" + suffix)
+        pre = stats.get("preprocessing_only" + suffix)
+        if total and pre:
+            out[kind] = {"preprocessing": pre["p50_ms"],
+                         "model": round(total["p50_ms"] - pre["p50_ms"], 3),
+                         "total": total["p50_ms"]}
+    return out
+
+
 def run_round_robin(cases, iterations, warmup):
     """Times every case once per iteration, in turn. Returns {name: stats}."""
     for _ in range(warmup):
@@ -444,6 +460,7 @@ def main(argv=None) -> int:
         result["ratio_to_estimator"] = {
             name: round(value["p50_ms"] / base, 2) for name, value in stats.items()
             if name != "estimator_predict"}
+        result["split_p50_ms"] = _split(stats)
         result.update({
             "max_abs_score_difference": differences,
             "world": world,

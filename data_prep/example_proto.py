@@ -103,10 +103,18 @@ def _scalar_entry(key: str, value: int) -> bytes:
 
 @functools.lru_cache(maxsize=QUERY_CACHE_SIZE)
 def _query_entries(query: str, lemmas: Tuple[str, ...], key: int) -> Tuple[bytes, ...]:
-    """The entries of QUERY, QUERY_LEMMAS and QUERY_KEY, cached: queries repeat."""
-    return (_entry(schema.QUERY, _bytes_feature([query.encode("utf-8")])),
+    """The entries of QUERY, QUERY_LEMMAS and QUERY_KEY, cached: queries repeat (and most
+    of a new one's bytes come from the size-keyed _prefix cache)."""
+    text, key_bytes = query.encode("utf-8"), _varint(key)
+    return (_prefix(schema.QUERY, "bytes", len(text)) + text,
             _entry(schema.QUERY_LEMMAS, _bytes_feature([t.encode("utf-8") for t in lemmas])),
-            _entry(schema.QUERY_KEY, _int64_feature(_varint(key))))
+            _prefix(schema.QUERY_KEY, "int64", len(key_bytes)) + key_bytes)
+
+
+def clear_caches() -> None:
+    """Empties the caches of encoded entries (a new process starts without them)."""
+    for cached in (_prefix, _scalar_entry, _query_entries):
+        cached.cache_clear()
 
 
 def _packed_int64s(values: np.ndarray) -> bytes:

@@ -23,6 +23,17 @@ TSV_COLUMNS = (
 FEATURE_DIM = 2048          # F: width of one region feature vector
 BOX_COORDS = 4              # top, left, bottom, right in pixels
 NUM_CLASSES = 33            # ids 0..32 of multimodal_labels.txt
+# multimodal_labels.txt: the detector's class names, by class id.
+CLASS_NAMES = (
+    "top clothes", "skirt & dress", "bottom clothes", "luggage, leather goods", "shoes",
+    "accessories", "snacks, nuts, liquor and tea", "makeup, perfume, beauty tools",
+    "bottle drink", "furniture", "stationery", "household electrical appliances",
+    "home decoration", "household fabric", "kitchenware", "cleaning tools",
+    "storage supplies", "vehicles, riding equipment", "outdoor product", "lighting", "toys",
+    "underwear", "digital supplies", "bed linens", "baby products", "personal care",
+    "sporting goods", "clothes (accessories, baby clothing)", "others", "human face", "arm",
+    "hair", "hand",
+)
 TSV_BOXES_DTYPE = np.dtype("<f4")     # [N, 4]
 TSV_FEATURES_DTYPE = np.dtype("<f4")  # [N, F]
 TSV_LABELS_DTYPE = np.dtype("<i8")    # [N]

@@ -18,6 +18,7 @@ import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+import pybase64
 
 from data_prep import geometry, schema
 
@@ -265,13 +266,24 @@ def _array_field(fields: List[memoryview], name: str, dtype: np.dtype, nbytes: i
         raise RowError(name, "base64", f"invalid base64 (length {len(field)} is not a "
                                        f"multiple of 4)")
     try:
-        raw = binascii.a2b_base64(field, strict_mode=True)
+        raw = pybase64.b64decode(field, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise RowError(name, "base64", f"invalid base64 ({e})") from None
+        # pybase64 accepts exactly what strict binascii accepts, but says only "Non-base64
+        # digit found"; binascii names the problem (padding, excess data, ...).
+        raise RowError(name, "base64", f"invalid base64 ({_b64_problem(field) or e})") from None
     if len(raw) != nbytes:
         raise RowError(name, "byte_length", f"{len(raw)} bytes decoded, expected {nbytes} "
                                             f"({per_box} per box x {num_boxes} boxes)")
     return np.frombuffer(raw, dtype)
+
+
+def _b64_problem(field) -> str:
+    """binascii's strict reason why `field` is not base64 ("" if it accepts it)."""
+    try:
+        binascii.a2b_base64(field, strict_mode=True)
+    except (binascii.Error, ValueError) as e:
+        return str(e)
+    return ""
 
 
 def _split_fields(data: bytes, start: int, end: int) -> List[memoryview]:

@@ -98,6 +98,14 @@ def warm_up() -> None:
     text.normalize_query("warm up")
 
 
+def clear_caches() -> None:
+    """Empties this process's per-query and per-token caches, as a new worker process
+    starts (for a benchmark comparing 1 worker in-process with a pool of new ones)."""
+    normalize.cache_clear()
+    _lemma.cache_clear()
+    example_proto.clear_caches()
+
+
 def _reject_line(line_no: int, error: tsv.RowError, raw: bytes) -> bytes:
     """One line of the rejects file: line number, field, reason, detail, the raw line."""
     detail = " ".join(error.detail.split())  # no tabs/newlines inside the detail column

@@ -36,7 +36,7 @@ class Config:
     max_query_tokens: int = 16         # T cap: tokens beyond are dropped
     # N cap, the largest boxes by area; 0 = the prep's own cap (filled by resolve_config)
     max_boxes: int = 0
-    batch_size: int = 64               # training positives per batch
+    batch_size: int = 128              # training positives per batch
     eval_queries_per_batch: int = 4    # EVAL/PREDICT batches hold whole queries only
     shuffle_buffer: int = 4096
     # >1: training batches are made of runs of this many rows whose queries share the last
@@ -75,7 +75,11 @@ class Config:
     # "cross": cross-attention logit; "tower": cosine/temperature of pooled embeddings;
     # "sum": cross + tower_score_weight * tower. With "tower" and no loss on the cross logits
     # (losses.CROSS_LOSSES) the model is towers only: no matcher variables, no pairs (uses_matcher).
-    serving_score: str = "sum"
+    # The default "tower" keeps the matcher as a training signal for the towers (its loss and
+    # hard negatives, cross_to_tower_gradient) and serves the towers, which rank better than
+    # the cross logit or the sum on every regime of bench/quality.py; the export refits the
+    # weight on the valid lists (export.list_fit.fit_lists).
+    serving_score: str = "tower"
     tower_score_weight: float = 1.0
 
     # --- negatives and losses ---------------------------------------------------------------

@@ -105,6 +105,12 @@ class MultiHeadAttention(_AttentionSized):
 
     call(query [B, L, D], value [B, S, Dv], key_mask [B, S]) -> (output [B, L, D],
     probs [B, H, L, S]).
+
+    Pairs by index: with query_index / value_index (int32 [P]) the rows attended are the
+    pairs (query[query_index[p]], value[value_index[p]]), key_mask is per pair [P, S] and
+    the outputs have P rows. query and value then hold one row per example: their
+    projections run once per example and are gathered per pair (pair_gather), the same
+    result as gathering the inputs first at a fraction of the cost.
     """
 
     def build(self, input_shape):
@@ -124,12 +130,12 @@ class MultiHeadAttention(_AttentionSized):
         return tf.transpose(x, [0, 2, 1, 3])
 
     @tf.autograph.experimental.do_not_convert
-    def call(self, query, value, key_mask, training=None):
+    def call(self, query, value, key_mask, training=None, query_index=None, value_index=None):
         # Keras autocasts only the first argument under a mixed policy.
         value = tf.cast(value, self.compute_dtype)
-        q = self._split_heads(self.query_dense(query))                       # [B, H, L, D/H]
-        k = self._split_heads(self.key_dense(value))                         # [B, H, S, D/H]
-        v = self._split_heads(self.value_dense(value))                       # [B, H, S, D/H]
+        q = self._split_heads(pair_gather(self.query_dense(query), query_index))  # [B,H,L,D/H]
+        k = self._split_heads(pair_gather(self.key_dense(value), value_index))    # [B,H,S,D/H]
+        v = self._split_heads(pair_gather(self.value_dense(value), value_index))  # [B,H,S,D/H]
         logits = tf.matmul(q, k, transpose_b=True)                           # [B, H, L, S]
         logits *= 1.0 / math.sqrt(self.hidden_size // self.num_heads)
         probs = masked_softmax(logits, key_mask[:, tf.newaxis, tf.newaxis, :])  # [B, H, L, S]
@@ -194,7 +200,8 @@ class CrossAttention(_AttentionSized):
 
     call(x [B, L, D], context [B, S, D], context_mask [B, S]) -> (attended [B, L, D],
     probs [B, H, L, S]). `attended` is what x "sees" of the other modality; the gated
-    fusion decides how much of it to let in.
+    fusion decides how much of it to let in. x_index / context_index: pairs by index, as
+    MultiHeadAttention's query_index / value_index (context_mask is then per pair).
     """
 
     def build(self, input_shape):
@@ -204,8 +211,9 @@ class CrossAttention(_AttentionSized):
         super().build(input_shape)
 
     @tf.autograph.experimental.do_not_convert
-    def call(self, x, context, context_mask, training=None):
-        attended, probs = self.attention(x, context, context_mask, training=training)
+    def call(self, x, context, context_mask, training=None, x_index=None, context_index=None):
+        attended, probs = self.attention(x, context, context_mask, training=training,
+                                         query_index=x_index, value_index=context_index)
         return self.drop(attended, training=training), probs
 
 
@@ -219,6 +227,8 @@ class GatedFusion(_FeedForwardSized):
     position); near 1 lets the cross-modal message in. The gate bias starts at 0 (gate 0.5).
 
     call(x [B, L, D], attended [B, L, D]) -> (y [B, L, D], gate [B, L, D]).
+    With x_index (int32 [P]) x holds one row per example and the pairs are
+    (x[x_index[p]], attended[p]); outputs have P rows.
     """
 
     def build(self, input_shape):
@@ -231,10 +241,11 @@ class GatedFusion(_FeedForwardSized):
         super().build(input_shape)
 
     @tf.autograph.experimental.do_not_convert
-    def call(self, x, attended, training=None):
+    def call(self, x, attended, training=None, x_index=None):
         attended = tf.cast(attended, self.compute_dtype)
+        x = pair_gather(x, x_index)                                          # [P, L, D]
         gate = tf.sigmoid(self.gate_dense(tf.concat([x, attended, x * attended], -1)))
-        y = self.norm(x + gate * self.message(attended, training=training))  # [B, L, D]
+        y = self.norm(x + gate * self.message(attended, training=training))  # [P, L, D]
         return y, gate
 
 
@@ -284,6 +295,13 @@ class ConfigLayer(tf.keras.layers.Layer):
         config = dict(config)
         config["cfg"] = Config.from_dict(config["cfg"])
         return cls(**config)
+
+
+def pair_gather(x, index):
+    """Rows of x [B, ...] for each pair: x[index] [P, ...]; x itself when index is None."""
+    if index is None:
+        return x
+    return tf.gather(x, index, name="pair_gather")
 
 
 def sequence_mask(lengths, maxlen):

@@ -77,9 +77,9 @@ def _checked(params: PrfParams) -> PrfParams:
     return params
 
 
-def prf_grid(weights: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0),
-             ms: Sequence[int] = (3, 5, 8, 10),
-             iterations: Sequence[int] = (1, 2, 3)) -> List[PrfParams]:
+def prf_grid(weights: Sequence[float] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
+             ms: Sequence[int] = (3, 5, 8, 10, 15),
+             iterations: Sequence[int] = (1, 2, 3, 4, 6)) -> List[PrfParams]:
     """The product of the settings as a list of PrfParams, weight 0 first and only once.
 
     Weight 0 ranks as the first stage whatever m and iterations are, so one such point
@@ -271,7 +271,9 @@ def fold_assignment(n: int, folds: int, seed: int) -> np.ndarray:
 
 
 def _labelled(scores, embeddings, mask, labels, folds):
-    """The lists with at least one positive, as numpy arrays; checks there are >= folds."""
+    """The lists with at least one positive, as numpy arrays; checks there are >= folds.
+
+    `scores` and `embeddings` may be any two per-list arrays [Q, C, ...]."""
     mask = np.asarray(mask, bool)
     labels = np.asarray(labels)
     keep = ((labels > 0) & mask).any(1)
@@ -284,7 +286,7 @@ def _labelled(scores, embeddings, mask, labels, folds):
 
 
 def fit_prf(scores, embeddings, mask, labels, grid: Sequence[PrfParams] = DEFAULT_GRID,
-            folds: int = 5, seed: int = 0, min_t: float = 2.0) -> PrfFit:
+            folds: int = 5, seed: int = 0, min_t: float = 2.5) -> PrfFit:
     """Chooses PRF settings by NDCG@5 with k-fold cross-validation over lists.
 
     Lists are dealt into `folds` folds at random (seeded). For each fold, the grid point
@@ -320,21 +322,121 @@ def fit_prf(scores, embeddings, mask, labels, grid: Sequence[PrfParams] = DEFAUL
     # Lists are scored independently, so one pass over the grid serves every fold.
     per_list = np.stack([ndcg_per_list(prf_scores_numpy(scores, embeddings, mask, p),
                                        labels, mask) for p in grid])              # [grid, lists]
+    chosen, held_out, fold_chosen = _cross_validate(per_list, folds, seed, min_t)
+    return PrfFit(
+        params=grid[chosen],
+        first_stage_ndcg=float(ndcg_per_list(scores, labels, mask).mean()),
+        prf_ndcg=float(held_out.mean()),
+        fold_params=[grid[i] for i in fold_chosen],
+        grid_ndcg=[(p, float(v)) for p, v in zip(grid, per_list.mean(1))],
+        lists=n)
+
+
+def _cross_validate(per_list: np.ndarray, folds: int, seed: int, min_t: float):
+    """k-fold choice over a grid whose point 0 is the baseline, from per-list NDCG@5.
+
+    Args:
+      per_list: float [grid, lists].
+    Returns:
+      (index chosen on all lists, float [lists] each list's NDCG@5 under the point chosen
+      on the other folds, [folds] the index chosen for each held-out fold).
+    """
+    n = per_list.shape[1]
     fold_of = fold_assignment(n, folds, seed)
     held_out = np.empty(n)
-    fold_params = []
+    fold_chosen = []
     for f in range(folds):
         chosen = _choose(per_list[:, fold_of != f], min_t)
         held_out[fold_of == f] = per_list[chosen, fold_of == f]
-        fold_params.append(grid[chosen])
-    grid_means = per_list.mean(1)
-    return PrfFit(
-        params=grid[_choose(per_list, min_t)],
-        first_stage_ndcg=float(ndcg_per_list(scores, labels, mask).mean()),
-        prf_ndcg=float(held_out.mean()),
-        fold_params=fold_params,
-        grid_ndcg=[(p, float(v)) for p, v in zip(grid, grid_means)],
-        lists=n)
+        fold_chosen.append(chosen)
+    return _choose(per_list, min_t), held_out, fold_chosen
+
+
+# --- first-stage score mix -------------------------------------------------------------------
+TOWER_ONLY = float("inf")   # a tower weight that serves the towers' score alone
+DEFAULT_TOWER_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, TOWER_ONLY)
+
+
+def mixed_scores(cross, tower, tower_weight: float) -> np.ndarray:
+    """float64 [...]: cross + tower_weight * tower, or tower alone for TOWER_ONLY.
+
+    Args:
+      cross: float [...] the matcher's logits; tower: float [...] the towers' cosine /
+        temperature; tower_weight: >= 0 or TOWER_ONLY.
+    """
+    tower = np.asarray(tower, np.float64)
+    if np.isinf(tower_weight):
+        return tower
+    return np.asarray(cross, np.float64) + tower_weight * tower
+
+
+class MixFit(NamedTuple):
+    """fit_tower_weight's result.
+
+    tower_weight: the weight chosen on all labelled lists (TOWER_ONLY: the towers alone).
+    trained_ndcg: mean NDCG@5 with the weight the model was trained to serve.
+    fitted_ndcg: out-of-fold mean NDCG@5: each list scored with the weight chosen on the
+      other folds.
+    fold_weights: the weight chosen for each held-out fold.
+    grid_ndcg: [(weight, mean NDCG@5 over all labelled lists)] (in-sample).
+    lists: labelled lists used.
+    """
+    tower_weight: float
+    trained_ndcg: float
+    fitted_ndcg: float
+    fold_weights: List[float]
+    grid_ndcg: List
+    lists: int
+
+    def to_dict(self) -> Dict:
+        """A JSON-serialisable form (TOWER_ONLY as the string "tower")."""
+        def name(w):
+            return "tower" if np.isinf(w) else float(w)
+        return {"tower_weight": name(self.tower_weight),
+                "trained_ndcg@5": self.trained_ndcg,
+                "fitted_ndcg@5_out_of_fold": self.fitted_ndcg,
+                "fold_weights": [name(w) for w in self.fold_weights],
+                "grid_ndcg@5_in_sample": [{"tower_weight": name(w), "ndcg": v}
+                                          for w, v in self.grid_ndcg],
+                "lists": self.lists}
+
+
+def fit_tower_weight(cross, tower, mask, labels, trained_weight: float,
+                     weights: Sequence[float] = DEFAULT_TOWER_WEIGHTS, folds: int = 5,
+                     seed: int = 0, min_t: float = 2.0) -> MixFit:
+    """Chooses the first stage's tower weight (score = cross + w * tower) by NDCG@5 with
+    k-fold cross-validation over lists, as fit_prf chooses PRF settings.
+
+    The weight the model was trained to serve is the baseline: another weight is chosen
+    for a fold only when its paired gain over the baseline on the other folds is at least
+    `min_t` standard errors. On data where the matcher generalises worse than the towers
+    (or better) the served score leans on the better one, measured on labelled lists.
+
+    Args:
+      cross, tower: float [Q, C] the two scores of each candidate; mask: bool [Q, C] real
+        candidates; labels: {0, 1} [Q, C].
+      trained_weight: the configured weight (Config.tower_score_weight; TOWER_ONLY for a
+        towers-only serving score).
+      weights: the other weights to consider (>= 0 or TOWER_ONLY).
+      folds, seed, min_t: as in fit_prf.
+    Returns:
+      MixFit.
+    Raises:
+      ValueError: a negative weight, or fewer labelled lists than folds.
+    """
+    grid = [float(trained_weight)] + [float(w) for w in weights
+                                      if float(w) != float(trained_weight)]
+    if min(grid) < 0:
+        raise ValueError(f"tower weights must be >= 0: {grid}")
+    cross, tower, mask, labels = _labelled(cross, tower, mask, labels, folds)
+    per_list = np.stack([ndcg_per_list(mixed_scores(cross, tower, w), labels, mask)
+                         for w in grid])                                         # [grid, lists]
+    chosen, held_out, fold_chosen = _cross_validate(per_list, folds, seed, min_t)
+    return MixFit(tower_weight=grid[chosen], trained_ndcg=float(per_list[0].mean()),
+                  fitted_ndcg=float(held_out.mean()),
+                  fold_weights=[grid[i] for i in fold_chosen],
+                  grid_ndcg=[(w, float(v)) for w, v in zip(grid, per_list.mean(1))],
+                  lists=len(cross))
 
 
 # --- learned list reranker (second phase: measured out of fold, not yet served) -------------

@@ -105,6 +105,7 @@ CROSS_LOSSES = frozenset({"log_loss", "cross_softmax", "focal"})
 
 def weighted_losses(weights: Dict[str, float], inputs: LossInputs):
     """Returns (total scalar, {name: scalar}) over the losses with weight > 0."""
-    parts = {name: LOSSES[name](inputs) for name, w in sorted(weights.items()) if w > 0}
-    total = tf.add_n([weights[name] * value for name, value in parts.items()])
+    with tf.name_scope("losses"):
+        parts = {name: LOSSES[name](inputs) for name, w in sorted(weights.items()) if w > 0}
+        total = tf.add_n([weights[name] * value for name, value in parts.items()])
     return total, parts

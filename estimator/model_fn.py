@@ -111,8 +111,7 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
             neg_idx, neg_valid = negatives.sample_negatives(
                 cfg.sampler, q_pooled, p_pooled, query_key, product_id, cfg.num_negatives,
                 seed=cfg.seed)                                               # [B, K]
-            pairs = negatives.build_pairs(q_states, num_tokens, q_pooled, p_states,
-                                          num_boxes, p_pooled, neg_idx, neg_valid)  # P rows
+            pairs = negatives.pair_indices(neg_idx, neg_valid)                # P rows
             row_labels = tf.ones_like(num_tokens, tf.float32)                 # [B]
             pair_groups = pairs["query_index"]                                # [P]
             tf.compat.v1.summary.scalar("negatives/valid_fraction",
@@ -121,18 +120,16 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
             if labels is None:
                 raise ValueError("EVAL needs labels")
             row_labels = tf.cast(tf.greater(tf.cast(labels, tf.float32), 0.5), tf.float32)
-            pairs = {"q_states": q_states, "num_tokens": num_tokens, "q_pooled": q_pooled,
-                     "p_states": p_states, "num_boxes": num_boxes, "p_pooled": p_pooled,
-                     "labels": row_labels, "weights": tf.ones_like(row_labels)}
+            pairs = {"labels": row_labels, "weights": tf.ones_like(row_labels)}  # P = B
             list_id = features.get(schema.F_QUERY_ID, query_key)  # eval lists are queries
             pair_groups = tf.unique(list_id, out_idx=tf.int32).idx             # [B]
         if pairs:
             g = cfg.cross_to_tower_gradient if training else 1.0
-            out = ranker.score_pairs(_scale_gradient(pairs["q_states"], g),
-                                     pairs["num_tokens"], pairs["q_pooled"],
-                                     _scale_gradient(pairs["p_states"], g),
-                                     pairs["num_boxes"], pairs["p_pooled"],
-                                     training=training)                      # [P]
+            # Per-example states with pair indices (TRAIN) or none (EVAL: row b with row b).
+            out = ranker.score_pairs(_scale_gradient(q_states, g), num_tokens, q_pooled,
+                                     _scale_gradient(p_states, g), num_boxes, p_pooled,
+                                     training=training, q_index=pairs.get("query_index"),
+                                     p_index=pairs.get("product_index"))     # [P]
         loss_inputs = losses.LossInputs(
             pair_logits=out.get(outputs.CROSS_LOGIT), pair_labels=pairs.get("labels"),
             pair_weights=pairs.get("weights"), q_pooled=q_pooled, p_pooled=p_pooled,

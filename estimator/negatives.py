@@ -69,52 +69,72 @@ def sample_negatives(sampler, q_pooled, p_pooled, query_key, product_id, num_neg
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; known {sorted(SAMPLERS)}")
-    allowed = allowed_pairings(query_key, product_id)                          # [B, B]
-    scores = tf.cast(SAMPLERS[sampler](q_pooled, p_pooled, seed), tf.float32)  # [B, B]
-    scores = tf.where(allowed, scores, tf.fill(tf.shape(scores), _MASKED))
-    b = tf.shape(scores)[0]
-    k = tf.minimum(num_negatives, b)
-    top, indices = tf.math.top_k(scores, k=k)                                  # [B, k]
-    valid = tf.gather(allowed, indices, batch_dims=1)                          # [B, k]
-    # Pad to exactly K columns when the batch is smaller than K.
-    pad = num_negatives - k
-    indices = tf.pad(indices, [[0, 0], [0, pad]])
-    valid = tf.pad(valid, [[0, 0], [0, pad]], constant_values=False)
+    with tf.name_scope("negatives"):
+        allowed = allowed_pairings(query_key, product_id)                      # [B, B]
+        scores = tf.cast(SAMPLERS[sampler](q_pooled, p_pooled, seed), tf.float32)  # [B, B]
+        scores = tf.where(allowed, scores, tf.fill(tf.shape(scores), _MASKED))
+        b = tf.shape(scores)[0]
+        k = tf.minimum(num_negatives, b)
+        top, indices = tf.math.top_k(scores, k=k)                              # [B, k]
+        valid = tf.gather(allowed, indices, batch_dims=1)                      # [B, k]
+        # Pad to exactly K columns when the batch is smaller than K.
+        pad = num_negatives - k
+        indices = tf.pad(indices, [[0, 0], [0, pad]])
+        valid = tf.pad(valid, [[0, 0], [0, pad]], constant_values=False)
     indices.set_shape([None, num_negatives])
     valid.set_shape([None, num_negatives])
     del top
     return indices, valid
 
 
+def pair_indices(neg_indices, neg_valid):
+    """Row-aligned (query, product) pairs as indices: each positive followed by its K negatives.
+
+    Args:
+      neg_indices: int32 [B, K] from sample_negatives; neg_valid: bool [B, K].
+    Returns:
+      dict with P = B * (1 + K) rows (row b*(1+K) is positive b): query_index int32 [P]
+      and product_index int32 [P] (rows of the batch), labels float32 [P] (1 positive,
+      0 negative), weights float32 [P] (0 for an invalid negative slot).
+    """
+    with tf.name_scope("pairs"):
+        b = tf.shape(neg_indices)[0]
+        k = neg_indices.shape[1]
+        own = tf.range(b, dtype=tf.int32)[:, tf.newaxis]                     # [B, 1]
+        product_idx = tf.reshape(tf.concat([own, neg_indices], 1), [-1])    # [P]
+        query_idx = tf.reshape(tf.tile(own, [1, 1 + k]), [-1])              # [P]
+        labels = tf.reshape(tf.concat([tf.ones([b, 1]), tf.zeros([b, k])], 1), [-1])  # [P]
+        weights = tf.reshape(tf.concat([tf.ones([b, 1]), tf.cast(neg_valid, tf.float32)], 1),
+                             [-1])                                           # [P]
+    return {"query_index": query_idx, "product_index": product_idx, "labels": labels,
+            "weights": weights}
+
+
 def build_pairs(q_states, num_tokens, q_pooled, p_states, num_boxes, p_pooled, neg_indices,
                 neg_valid):
-    """Row-aligned (query, product) pairs: each positive followed by its K negatives.
+    """pair_indices plus every per-example tensor gathered per pair.
+
+    The matcher can take the per-example states with the indices instead (the round-0
+    projections then run once per example, see layers.MultiHeadAttention): prefer that in
+    training, where P = B * (1 + K) gathered [P, T, D] and [P, N, D] cost (1 + K) times
+    the projections of the examples.
 
     Args:
       q_states [B, T, D], num_tokens [B], q_pooled [B, E]; p_states [B, N, D],
       num_boxes [B], p_pooled [B, E]; neg_indices int32 [B, K]; neg_valid bool [B, K].
     Returns:
-      dict of pair tensors with P = B * (1 + K) rows (row b*(1+K) is positive b):
-      q_states [P, T, D], num_tokens [P], q_pooled [P, E], p_states [P, N, D],
-      num_boxes [P], p_pooled [P, E], labels float32 [P], weights float32 [P].
+      pair_indices' dict plus q_states [P, T, D], num_tokens [P], q_pooled [P, E],
+      p_states [P, N, D], num_boxes [P], p_pooled [P, E].
     """
-    b = tf.shape(q_states)[0]
-    k = neg_indices.shape[1]
-    own = tf.range(b, dtype=tf.int32)[:, tf.newaxis]                         # [B, 1]
-    product_idx = tf.reshape(tf.concat([own, neg_indices], 1), [-1])        # [P]
-    query_idx = tf.reshape(tf.tile(own, [1, 1 + k]), [-1])                  # [P]
-    labels = tf.reshape(tf.concat([tf.ones([b, 1]), tf.zeros([b, k])], 1), [-1])   # [P]
-    weights = tf.reshape(tf.concat([tf.ones([b, 1]), tf.cast(neg_valid, tf.float32)], 1),
-                         [-1])                                               # [P]
-    return {
-        "q_states": tf.gather(q_states, query_idx),                          # [P, T, D]
-        "num_tokens": tf.gather(num_tokens, query_idx),                      # [P]
-        "q_pooled": tf.gather(q_pooled, query_idx),                          # [P, E]
-        "p_states": tf.gather(p_states, product_idx),                        # [P, N, D]
-        "num_boxes": tf.gather(num_boxes, product_idx),                      # [P]
-        "p_pooled": tf.gather(p_pooled, product_idx),                        # [P, E]
-        "query_index": query_idx,
-        "product_index": product_idx,
-        "labels": labels,
-        "weights": weights,
-    }
+    pairs = pair_indices(neg_indices, neg_valid)
+    query_idx, product_idx = pairs["query_index"], pairs["product_index"]
+    with tf.name_scope("pairs"):
+        pairs.update({
+            "q_states": tf.gather(q_states, query_idx),                      # [P, T, D]
+            "num_tokens": tf.gather(num_tokens, query_idx),                  # [P]
+            "q_pooled": tf.gather(q_pooled, query_idx),                      # [P, E]
+            "p_states": tf.gather(p_states, product_idx),                    # [P, N, D]
+            "num_boxes": tf.gather(num_boxes, product_idx),                  # [P]
+            "p_pooled": tf.gather(p_pooled, product_idx),                    # [P, E]
+        })
+    return pairs

@@ -65,6 +65,11 @@ class CampMatcher(layers.ConfigLayer):
 
     call(q_states [B, T, D], q_mask [B, T], p_states [B, N, D], p_mask [B, N]) ->
     (logit [B], diagnostics dict of [B] tensors).
+    With q_index and p_index (int32 [P]) the pairs are (q_states[q_index[p]],
+    p_states[p_index[p]]): states and masks hold one row per example, the first round's
+    projections run once per example, and the outputs have P rows. After a call, `last_word_to_region` holds
+    that call's word-to-region attention probabilities, float32 [B, T, N], averaged over
+    rounds and heads (each real word's row sums to 1 over the real boxes).
     """
 
     def build(self, input_shape):
@@ -91,14 +96,23 @@ class CampMatcher(layers.ConfigLayer):
         super().build(input_shape)
 
     @tf.autograph.experimental.do_not_convert
-    def call(self, q_states, q_mask, p_states, p_mask, training=None):
+    def call(self, q_states, q_mask, p_states, p_mask, training=None, q_index=None,
+             p_index=None):
         q, p = q_states, tf.cast(p_states, self.compute_dtype)
-        gates_q, gates_p, ent_q, ent_p = [], [], [], []
+        q_mask = layers.pair_gather(q_mask, q_index)                          # [P, T]
+        p_mask = layers.pair_gather(p_mask, p_index)                          # [P, N]
+        gates_q, gates_p, ent_q, ent_p, word_to_region = [], [], [], [], []
         for i in range(self.cfg.cross_layers):
-            q_att, q_probs = self.word_to_region[i](q, p, p_mask, training=training)  # [B,T,D]
-            p_att, p_probs = self.region_to_word[i](p, q, q_mask, training=training)  # [B,N,D]
-            q, q_gate = self.text_fusion[i](q, q_att, training=training)     # [B, T, D]
-            p, p_gate = self.box_fusion[i](p, p_att, training=training)      # [B, N, D]
+            q_att, q_probs = self.word_to_region[i](q, p, p_mask, training=training,
+                                                    x_index=q_index,
+                                                    context_index=p_index)   # [P, T, D]
+            p_att, p_probs = self.region_to_word[i](p, q, q_mask, training=training,
+                                                    x_index=p_index,
+                                                    context_index=q_index)   # [P, N, D]
+            word_to_region.append(q_probs)                                   # [B, H, T, N]
+            q, q_gate = self.text_fusion[i](q, q_att, training=training, x_index=q_index)
+            p, p_gate = self.box_fusion[i](p, p_att, training=training, x_index=p_index)
+            q_index = p_index = None  # after the first round the states are per pair
             gates_q.append(_masked_mean(q_gate, q_mask))
             gates_p.append(_masked_mean(p_gate, p_mask))
             ent_q.append(layers.attention_entropy(q_probs, q_mask))
@@ -110,6 +124,9 @@ class CampMatcher(layers.ConfigLayer):
         logit = tf.cast(tf.squeeze(self.mlp_out(hidden), -1), tf.float32)    # [B]
         diag = {key: tf.add_n(values) / len(values)                            # [B] each
                 for key, values in zip(MATCHER_DIAGNOSTICS, (gates_q, gates_p, ent_q, ent_p))}
+        # Only fetched by estimator.probe (pictures); unfetched, the session prunes it.
+        self.last_word_to_region = tf.reduce_mean(
+            tf.cast(tf.stack(word_to_region, 1), tf.float32), axis=[1, 2])     # [B, T, N]
         return logit, diag
 
 
@@ -167,12 +184,15 @@ class Ranker(tf.keras.Model):
         return states, pooled
 
     def score_pairs(self, q_states, num_tokens, q_pooled, p_states, num_boxes, p_pooled,
-                    training=False):
+                    training=False, q_index=None, p_index=None):
         """Scores row-aligned pairs (row b of the query inputs with row b of the product's).
 
         Args:
           q_states [B, T, D], num_tokens [B], q_pooled [B, E]: from encode_query.
           p_states [B, N, D], num_boxes [B], p_pooled [B, E]: from encode_product.
+          q_index, p_index: optional int32 [P]: score the pairs (query q_index[p], product
+            p_index[p]) instead of row b with row b (outputs then have P rows); the
+            matcher's first projections then run once per example, not once per pair.
         Returns:
           dict of float32 [B]: outputs.SCORE (the configured serving score),
           outputs.CROSS_LOGIT, outputs.TOWER_SCORE (cosine / temperature), and diagnostics
@@ -180,14 +200,17 @@ class Ranker(tf.keras.Model):
           logit and the diagnostics, so its outputs have the same keys.
         """
         cfg = self.cfg
-        tower = tf.reduce_sum(q_pooled * p_pooled, -1) / float(cfg.temperature)  # [B]
+        pair_q_pooled = layers.pair_gather(q_pooled, q_index)                 # [P, E]
+        pair_p_pooled = layers.pair_gather(p_pooled, p_index)                 # [P, E]
+        tower = tf.reduce_sum(pair_q_pooled * pair_p_pooled, -1) / float(cfg.temperature)
         if self.matcher is None:
             zeros = tf.zeros_like(tower)
             cross, diag = zeros, {key: zeros for key in MATCHER_DIAGNOSTICS}
         else:
             q_mask = layers.sequence_mask(num_tokens, tf.shape(q_states)[1])  # [B, T]
             p_mask = layers.sequence_mask(num_boxes, tf.shape(p_states)[1])   # [B, N]
-            cross, diag = self.matcher(q_states, q_mask, p_states, p_mask, training=training)
+            cross, diag = self.matcher(q_states, q_mask, p_states, p_mask, training=training,
+                                       q_index=q_index, p_index=p_index)
         # cfg.serving_score is one of these three (Config.validate).
         if cfg.serving_score == "cross":
             score = cross

@@ -97,7 +97,7 @@ def create_train_op(cfg, loss: tf.Tensor, global_step: tf.Variable) -> tf.Operat
     if cfg.optimizer == "adamw" and cfg.weight_decay > 0:
         # Decoupled weight decay: p -= lr * wd * p, after the gradients are computed and
         # before the Adam step, independent of the moments.
-        with tf.control_dependencies(list(grads)):
+        with tf.control_dependencies(list(grads)), tf.name_scope("weight_decay"):
             decay = tf.group(*[v.assign_sub(lr * cfg.weight_decay * v)
                                for v in decay_variables(tvars)])
         with tf.control_dependencies([decay]):

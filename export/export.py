@@ -33,11 +33,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="competition TSV (e.g. valid.tsv): its first query group becomes "
                              "the warm-up requests (default: generated requests)")
     parser.add_argument("--list-stage", default=None,
-                        help="the rank signature's list stage: 'fit' (pseudo-relevance "
-                             "feedback fitted on the prep's labelled valid lists, 5-fold, "
-                             "kept only if it beats the first stage by 2 standard errors), "
-                             "'off', or a params JSON file {weight, m, iterations} (default: "
-                             "fit when the prep has a valid split, else off)")
+                        help="the rank signature's list stage: 'fit' (on the prep's "
+                             "labelled valid lists, 5-fold: the first stage's tower weight, "
+                             "then pseudo-relevance feedback over it, each kept only if it "
+                             "beats the trained behaviour by 2 (weight) or 2.5 (PRF) "
+                             "standard errors), 'off' (the trained first stage), or a params "
+                             "JSON file {weight, m, iterations} or an earlier export's "
+                             "mmrecall_export.json (default: fit when the prep has a valid "
+                             "split, else off)")
     return parser.parse_args(argv)
 
 

@@ -3,11 +3,17 @@ model being exported.
 
 `list_arrays` runs the checkpoint's Ranker over a split's TFRecords (whole queries, as the
 Estimator evaluates) and gathers each query's candidates into padded lists: first-stage
-scores, product embeddings and labels. `resolve_list_stage` turns the export's
-`list_stage` setting ("fit", "off", or a params JSON file) into the PRF settings to serve
-and the figures to record: with "fit", estimator.list_stage.fit_prf chooses them by k-fold
-cross-validation over the lists and reports out-of-fold NDCG@5; its 2-standard-error guard
-leaves the first stage alone when the lists carry no list signal.
+scores and their two parts (the matcher's cross logit, the towers' score), product
+embeddings and labels. `resolve_list_stage` turns the export's `list_stage` setting
+("fit", "off", or a params JSON file) into what `rank` serves and the figures to record.
+With "fit" (`fit_lists`), two choices are made on the labelled lists, each by k-fold
+cross-validation with a guard (a gain of 2 standard errors for the weight, 2.5 for PRF)
+that keeps the trained behaviour when the lists show no clear gain, each reported out of
+fold:
+  1. the first stage's tower weight (score = cross + w * tower, or the towers alone:
+     estimator.list_stage.fit_tower_weight), so that on data where the matcher generalises
+     worse (or better) than the towers the served score leans on the better part;
+  2. PRF over that first stage (estimator.list_stage.fit_prf).
 
 Dimension legend: Q lists (queries), C candidates per list (padded to the longest), E
 product-embedding width.
@@ -19,12 +25,10 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from data_prep import schema
 from data_prep.manifest import PrepDir
 from estimator import input_fn as input_lib
 from estimator import list_stage as list_lib
-from estimator import network
-from estimator import outputs
+from estimator import outputs, probe
 from estimator.config import Config
 
 FIT = "fit"
@@ -37,7 +41,8 @@ class ListArrays(NamedTuple):
     """A split's candidate lists, padded to the longest (padding: mask False, zeros).
 
     query_ids int64 [Q]; product_ids int64 [Q, C]; scores float32 [Q, C] (first stage);
-    embeddings float32 [Q, C, E]; labels int64 [Q, C] {0, 1}; mask bool [Q, C].
+    embeddings float32 [Q, C, E]; labels int64 [Q, C] {0, 1}; mask bool [Q, C]; cross and
+    tower float32 [Q, C] (the first stage's two parts), or None where not known.
     """
     query_ids: np.ndarray
     product_ids: np.ndarray
@@ -45,46 +50,33 @@ class ListArrays(NamedTuple):
     embeddings: np.ndarray
     labels: np.ndarray
     mask: np.ndarray
+    cross: Optional[np.ndarray] = None
+    tower: Optional[np.ndarray] = None
+
+
+class Served(NamedTuple):
+    """What `rank` serves: config (the model Config, its serving score and tower weight
+    as fitted), list_stage (PrfParams, or None for the first stage alone) and record (for
+    mmrecall_export.json)."""
+    config: Config
+    list_stage: Optional[list_lib.PrfParams]
+    record: Dict
 
 
 def _pairs(model_cfg: Config, prep: PrepDir, checkpoint: str, split: str) -> Dict[str, np.ndarray]:
-    """Every row of the split scored by the checkpoint: {key: [B] or [B, E] numpy}."""
-    with tf.Graph().as_default() as graph:
-        ranker = network.build_ranker(model_cfg, len(prep.vocab_tokens()))
-        dataset = input_lib.input_fn_builder(model_cfg, prep.split_files(split),
-                                             tf.estimator.ModeKeys.EVAL, prep)()
-        iterator = tf.compat.v1.data.make_initializable_iterator(dataset)
-        features, labels = iterator.get_next()
-        q_states, q_pooled = ranker.encode_query(
-            features[schema.F_TOKEN_IDS], features[schema.F_NUM_TOKENS], training=False)
-        p_states, p_pooled = ranker.encode_product(
-            features[schema.F_BOX_FEATURES], features[schema.F_BOX_GEOMETRY],
-            features[schema.F_BOX_LABELS], features[schema.F_NUM_BOXES], training=False)
-        out = ranker.score_pairs(q_states, features[schema.F_NUM_TOKENS], q_pooled, p_states,
-                                 features[schema.F_NUM_BOXES], p_pooled, training=False)
-        fetches = {"query_id": features[schema.F_QUERY_ID],
-                   "product_id": features[schema.F_PRODUCT_ID],
-                   "score": tf.cast(out[outputs.SCORE], tf.float32),
-                   "embedding": tf.cast(p_pooled, tf.float32), "label": labels}
-        saver = tf.compat.v1.train.Saver(var_list=ranker.variable_map())
-        batches = []
-        with tf.compat.v1.Session(graph=graph) as sess:
-            sess.run([tf.compat.v1.tables_initializer(), iterator.initializer])
-            saver.restore(sess, checkpoint)
-            while True:
-                try:
-                    batches.append(sess.run(fetches))
-                except tf.errors.OutOfRangeError:
-                    break
-    if not batches:
-        raise ValueError(f"{prep.path}: the {split} split has no rows")
-    return {k: np.concatenate([b[k] for b in batches]) for k in fetches}
+    """Every row of the split scored by the checkpoint (estimator.probe.run_checkpoint's
+    keys: query_id, product_id, label, score, query and product embeddings, ...)."""
+    dataset_fn = input_lib.input_fn_builder(model_cfg, prep.split_files(split),
+                                            tf.estimator.ModeKeys.EVAL, prep)
+    return probe.run_checkpoint(model_cfg, len(prep.vocab_tokens()), checkpoint, dataset_fn,
+                                source=f"{prep.path}: the {split} split")
 
 
-def lists_from_pairs(query_ids, product_ids, scores, embeddings, labels) -> ListArrays:
-    """Rows [B] (and embeddings [B, E]) -> padded lists, one per query in order of first
-    appearance. A product repeated within a list counts once (its first row), as
-    `mmrecall rank` and the organiser's scorer count it."""
+def lists_from_pairs(query_ids, product_ids, scores, embeddings, labels, cross=None,
+                     tower=None) -> ListArrays:
+    """Rows [B] (and embeddings [B, E]; cross and tower [B] when given) -> padded lists,
+    one per query in order of first appearance. A product repeated within a list counts
+    once (its first row), as `mmrecall rank` and the organiser's scorer count it."""
     order: Dict[int, list] = {}
     for row, (qid, pid) in enumerate(zip(np.asarray(query_ids).tolist(),
                                          np.asarray(product_ids).tolist())):
@@ -96,11 +88,16 @@ def lists_from_pairs(query_ids, product_ids, scores, embeddings, labels) -> List
     out = ListArrays(np.array(list(order), np.int64), np.zeros([q, c], np.int64),
                      np.zeros([q, c], np.float32),
                      np.zeros([q, c, embeddings.shape[1]], np.float32),
-                     np.zeros([q, c], np.int64), np.zeros([q, c], bool))
+                     np.zeros([q, c], np.int64), np.zeros([q, c], bool),
+                     None if cross is None else np.zeros([q, c], np.float32),
+                     None if tower is None else np.zeros([q, c], np.float32))
     for i, rows in enumerate(order.values()):
         n = len(rows)
         out.product_ids[i, :n] = np.asarray(product_ids)[rows]
         out.scores[i, :n] = np.asarray(scores)[rows]
+        for part, values in ((out.cross, cross), (out.tower, tower)):
+            if values is not None:
+                part[i, :n] = np.asarray(values)[rows]
         out.embeddings[i, :n] = embeddings[rows]
         out.labels[i, :n] = np.asarray(labels)[rows] > 0
         out.mask[i, :n] = True
@@ -119,8 +116,9 @@ def list_arrays(model_cfg: Config, prep: PrepDir, checkpoint: str,
       ValueError: the split has no rows.
     """
     pairs = _pairs(model_cfg, prep, checkpoint, split)
-    return lists_from_pairs(pairs["query_id"], pairs["product_id"], pairs["score"],
-                            pairs["embedding"], pairs["label"])
+    return lists_from_pairs(pairs["query_id"], pairs["product_id"], pairs[outputs.SCORE],
+                            pairs[outputs.PRODUCT_EMBEDDING], pairs["label"],
+                            pairs[outputs.CROSS_LOGIT], pairs[outputs.TOWER_SCORE])
 
 
 def default_mode(prep: PrepDir) -> str:
@@ -128,19 +126,82 @@ def default_mode(prep: PrepDir) -> str:
     return FIT if prep.split_files(FIT_SPLIT) else OFF
 
 
-def load_params(path: str) -> list_lib.PrfParams:
-    """PRF settings from a JSON file: {"weight", "m", "iterations"}, or an
-    mmrecall_export.json / `fit` record holding them under "params"."""
+def load_params(path: str) -> Tuple[list_lib.PrfParams, Optional[Dict]]:
+    """(PRF settings, serving score or None) from a JSON file: {"weight", "m",
+    "iterations"}, or an mmrecall_export.json / `fit` record holding them under "params"
+    and the served score under "serving" ({"serving_score", "tower_weight"})."""
     with open(path, encoding="utf-8") as f:
         values = json.load(f)
     values = values.get("list_stage", values)
-    return list_lib.PrfParams.from_dict(values.get("params", values))
+    return (list_lib.PrfParams.from_dict(values.get("params", values)),
+            values.get("serving"))
+
+
+def trained_tower_weight(cfg: Config) -> float:
+    """The tower weight of the Config's serving score: cross + w * tower ("sum"), 0
+    ("cross") or list_stage.TOWER_ONLY ("tower")."""
+    return {"cross": 0.0, "tower": list_lib.TOWER_ONLY}.get(cfg.serving_score,
+                                                           float(cfg.tower_score_weight))
+
+
+def with_tower_weight(cfg: Config, weight: float) -> Config:
+    """`cfg` serving cross + weight * tower (TOWER_ONLY: the towers alone, 0: the cross
+    logit alone); the model's variables are the same whatever the weight."""
+    if np.isinf(weight):
+        return Config.from_dict({"serving_score": "tower"}, cfg)
+    if weight == 0.0:
+        return Config.from_dict({"serving_score": "cross"}, cfg)
+    return Config.from_dict({"serving_score": "sum", "tower_score_weight": float(weight)}, cfg)
+
+
+def fit_lists(lists: ListArrays, model_cfg: Config, folds: int = FOLDS) -> Served:
+    """Fits the served first stage's tower weight, then PRF over it, on labelled lists.
+
+    The tower weight is fitted only for a model with a matcher whose lists carry both
+    parts; otherwise the trained serving score stays. PRF's out-of-fold figure is over
+    the first stage as fitted on all lists.
+
+    Args:
+      lists: ListArrays with labels (cross and tower to fit the weight).
+      model_cfg: the resolved training Config.
+      folds: cross-validation folds (capped at the number of labelled lists).
+    Returns:
+      Served with record {"mode": FIT, "params", "score_mix" (list_stage.MixFit.to_dict,
+      or for a model without the choice its trained figures), "serving" ({"serving_score",
+      "tower_weight"} of the served Config), "fit" (PrfFit.to_dict)}.
+    Raises:
+      ValueError: fewer than 2 labelled lists.
+    """
+    labelled = int(((lists.labels > 0) & lists.mask).any(1).sum())
+    folds = min(folds, labelled)
+    trained = trained_tower_weight(model_cfg)
+    scores = lists.scores
+    if model_cfg.uses_matcher and lists.cross is not None and lists.tower is not None:
+        mix = list_lib.fit_tower_weight(lists.cross, lists.tower, lists.mask, lists.labels,
+                                        trained, folds=folds, seed=0)
+        scores = list_lib.mixed_scores(lists.cross, lists.tower, mix.tower_weight)
+        served_cfg, mix_record = with_tower_weight(model_cfg, mix.tower_weight), mix.to_dict()
+    else:
+        first = float(list_lib.ndcg_per_list(scores, lists.labels, lists.mask)[
+            ((lists.labels > 0) & lists.mask).any(1)].mean())
+        served_cfg = model_cfg
+        mix_record = {"tower_weight": "tower" if np.isinf(trained) else trained,
+                      "trained_ndcg@5": first, "fitted_ndcg@5_out_of_fold": first,
+                      "fitted": False}
+    fit = list_lib.fit_prf(scores, lists.embeddings, lists.mask, lists.labels, folds=folds,
+                           seed=0)
+    record = {"mode": FIT, "params": fit.params.to_dict(), "score_mix": mix_record,
+              "serving": _serving(served_cfg), "fit": fit.to_dict()}
+    return Served(served_cfg, _served(fit.params), record)
+
+
+def _serving(cfg: Config) -> Dict:
+    return {"serving_score": cfg.serving_score, "tower_weight": cfg.tower_score_weight}
 
 
 def resolve_list_stage(setting: Optional[str], model_cfg: Config, prep: PrepDir,
-                       checkpoint: str, folds: int = FOLDS
-                       ) -> Tuple[Optional[list_lib.PrfParams], Dict]:
-    """The PRF settings `rank` serves and the record for mmrecall_export.json.
+                       checkpoint: str, folds: int = FOLDS) -> Served:
+    """What `rank` serves and the record for mmrecall_export.json.
 
     Args:
       setting: FIT, OFF, a path to a params JSON file, or None for default_mode(prep).
@@ -148,29 +209,30 @@ def resolve_list_stage(setting: Optional[str], model_cfg: Config, prep: PrepDir,
         with it).
       folds: cross-validation folds of FIT (capped at the number of labelled lists).
     Returns:
-      (PrfParams, or None when `rank` serves the first stage: OFF, or a fit whose guard
-      kept the first stage; {"mode", "params", and for FIT "fit" (estimator.list_stage.
-      PrfFit.to_dict: out-of-fold NDCG@5 of first stage and PRF) and "fit_seconds"}).
+      Served: OFF serves the trained first stage alone; a params file its PRF settings
+      (and the serving score it records under "serving", if any) over the trained first
+      stage; FIT what fit_lists chooses, with "fit_seconds" in the record.
     Raises:
       ValueError: FIT without a labelled valid split or with fewer than 2 labelled lists.
     """
     setting = setting or default_mode(prep)
     if setting == OFF:
-        return None, {"mode": OFF, "params": None}
+        return Served(model_cfg, None, {"mode": OFF, "params": None})
     if setting != FIT:
-        params = load_params(setting)
-        return _served(params), {"mode": "file", "file": setting, "params": params.to_dict()}
+        params, serving = load_params(setting)
+        cfg = model_cfg if serving is None else Config.from_dict(
+            {"serving_score": serving["serving_score"],
+             "tower_score_weight": serving["tower_weight"]}, model_cfg)
+        return Served(cfg, _served(params), {"mode": "file", "file": setting,
+                                             "params": params.to_dict(),
+                                             "serving": _serving(cfg)})
     if not prep.split_files(FIT_SPLIT):
         raise ValueError(f"{prep.path}: list_stage={FIT!r} needs the prep's {FIT_SPLIT} "
                          f"split (with answers); pass {OFF!r} or a params file")
     start = time.perf_counter()
-    lists = list_arrays(model_cfg, prep, checkpoint)
-    labelled = int(((lists.labels > 0) & lists.mask).any(1).sum())
-    fit = list_lib.fit_prf(lists.scores, lists.embeddings, lists.mask, lists.labels,
-                           folds=min(folds, labelled), seed=0)
-    record = {"mode": FIT, "params": fit.params.to_dict(), "fit": fit.to_dict(),
-              "fit_seconds": round(time.perf_counter() - start, 2)}
-    return _served(fit.params), record
+    served = fit_lists(list_arrays(model_cfg, prep, checkpoint), model_cfg, folds)
+    served.record["fit_seconds"] = round(time.perf_counter() - start, 2)
+    return served
 
 
 def _served(params: list_lib.PrfParams) -> Optional[list_lib.PrfParams]:
@@ -185,9 +247,12 @@ def describe(record: Dict) -> str:
         return "list stage: off (rank's scores are the first-stage scores)"
     if mode == "file":
         return f"list stage: PRF {params} from {record['file']}"
-    fit = record["fit"]
+    fit, mix, serving = record["fit"], record["score_mix"], record["serving"]
     served = ("PRF " + json.dumps(params)) if _served(list_lib.PrfParams.from_dict(params)) \
-        else "none (PRF did not beat the first stage by 2 standard errors)"
-    return (f"list stage: {served}; fitted on {fit['lists']} valid lists, out-of-fold "
-            f"NDCG@5 first stage {fit['first_stage_ndcg@5']:.4f}, PRF "
+        else "none (PRF did not beat the first stage by 2.5 standard errors)"
+    first = serving["serving_score"] + (f" (tower weight {serving['tower_weight']:g})"
+                                        if serving["serving_score"] == "sum" else "")
+    return (f"first stage: {first}; list stage: {served}; fitted on {fit['lists']} valid "
+            f"lists, out-of-fold NDCG@5 trained first stage {mix['trained_ndcg@5']:.4f}, "
+            f"fitted first stage {mix['fitted_ndcg@5_out_of_fold']:.4f}, with PRF "
             f"{fit['prf_ndcg@5_out_of_fold']:.4f}")

@@ -37,6 +37,9 @@ _B64_PATTERN = "[A-Za-z0-9+/]*={0,2}"
 _BOX_BYTES = schema.BOX_COORDS * schema.TSV_BOXES_DTYPE.itemsize          # 16
 _FEATURE_BYTES = schema.FEATURE_DIM * schema.TSV_FEATURES_DTYPE.itemsize  # 8192
 _LABEL_BYTES = schema.TSV_LABELS_DTYPE.itemsize                          # 8
+# The features are nearly all of a request's text (8 KB a box); their string work is split
+# into this many runs of rows, which run on separate cores (_b64_parts).
+_FEATURE_PIECES = 2
 
 
 class Products(NamedTuple):
@@ -46,6 +49,17 @@ class Products(NamedTuple):
     box_labels: tf.Tensor    # int32 [B, N], zero past num_boxes
     num_boxes: tf.Tensor     # int32 [B], in [1, max_boxes]
     boxes: tf.Tensor         # float32 [B, N, 4] clipped pixel boxes, zero past num_boxes
+
+
+def _assert(condition: tf.Tensor, message: str):
+    """Fails with InvalidArgument "<message>" unless `condition` (bool, any shape) holds
+    everywhere.
+
+    One Assert op whose only data is the message: tf.debugging.assert_* wrap theirs in a
+    cond (several ops, run on every request) to print the tensors, which the field-naming
+    message does not need.
+    """
+    return tf.debugging.Assert(tf.reduce_all(condition), [message])
 
 
 def _with_checks(checks, tensors):
@@ -58,10 +72,25 @@ class _B64Parts(NamedTuple):
     strings: tf.Tensor    # string [B], the request's rows
     is_text: tf.Tensor    # bool [B], the row is well-formed standard base64 text
     ok: tf.Tensor         # bool scalar, every row is base64 text or raw bytes of the length
-    web_safe: tf.Tensor   # string [B], text rows in the web-safe alphabet, "" for raw rows
+    web_safe: Tuple[tf.Tensor, ...]  # string [B_i] per piece: text rows in the web-safe
+                                     # alphabet, "" for raw rows; concatenated, [B]
 
 
-def _b64_parts(strings: tf.Tensor, num_boxes: tf.Tensor, bytes_per_box: int) -> _B64Parts:
+def _split_by_bytes(length: tf.Tensor, pieces: int, *rows: tf.Tensor):
+    """Splits each of `rows` (string [B]) into `pieces` consecutive runs of rows of about
+    equal byte counts, as given by `length` int32 [B]. Returns one tuple of pieces per rows."""
+    if pieces == 1:
+        return [(r,) for r in rows]
+    ends = tf.cumsum(tf.cast(length, tf.int64))                              # [B]
+    total = tf.reduce_sum(tf.cast(length, tf.int64))
+    targets = total * tf.range(1, pieces, dtype=tf.int64) // pieces          # [pieces - 1]
+    cuts = tf.concat([[0], tf.searchsorted(ends, targets, side="right", out_type=tf.int64),
+                      tf.shape(length, out_type=tf.int64)], axis=0)         # [pieces + 1]
+    return [tuple(tf.split(r, cuts[1:] - cuts[:-1], num=pieces)) for r in rows]
+
+
+def _b64_parts(strings: tf.Tensor, num_boxes: tf.Tensor, bytes_per_box: int,
+               pieces: int = 1) -> _B64Parts:
     """The expensive, check-free part of reading base64 text or raw bytes [B].
 
     A row that is well-formed standard base64 text (as in the TSV) is decoded; any other row
@@ -73,23 +102,32 @@ def _b64_parts(strings: tf.Tensor, num_boxes: tf.Tensor, bytes_per_box: int) -> 
     wrong num_boxes can never turn base64 text into "raw" garbage.
 
     Nothing here can fail, so it runs without control dependencies: the alphabet scan
-    (`regex_full_match`, the costliest step) and the alphabet mapping of the three fields
-    run in parallel with each other and with the other checks. Only `DecodeBase64`, which
-    fails (without naming a field) on a character outside its alphabet, must wait for the
-    field's check (_decode_checked).
+    (`regex_full_match`) and the alphabet mapping (`regex_replace`), each a pass over the
+    text, depend only on the request, so they run in parallel with each other, with the
+    other fields' and with the other checks. Only `DecodeBase64`, which fails (without
+    naming a field) on a character outside its alphabet, must wait for the field's check
+    (_decode_checked).
+
+    Each op walks its rows one after the other on one thread; `pieces` > 1 splits the
+    rows into runs of about equal bytes, each scanned, mapped and decoded by ops of its
+    own, so that a large field (the features) uses several cores.
     """
     length = tf.strings.length(strings)                                      # [B] int32
-    is_text = tf.logical_and(tf.strings.regex_full_match(strings, _B64_PATTERN),
-                             tf.equal(length % 4, 0))                        # [B]
     raw_ok = tf.equal(tf.cast(length, tf.int64),
-                      tf.cast(num_boxes, tf.int64) * bytes_per_box)
+                      tf.cast(num_boxes, tf.int64) * bytes_per_box)          # [B]
+    # Rows of the raw length are blanked, so the mapping walks text only, without waiting
+    # for the scan. Text of that length never has the right length when decoded (4 base64
+    # characters hold 3 bytes), so the blank decodes to the same refusal (_check_lengths).
+    text = tf.where(raw_ok, tf.fill(tf.shape(strings), ""), strings)
+    alphabet_ok, web_safe = [], []
+    for piece, piece_text in zip(*_split_by_bytes(length, pieces, strings, text)):
+        alphabet_ok.append(tf.strings.regex_full_match(piece, _B64_PATTERN))
+        # tf.io.decode_base64 reads the web-safe alphabet only.
+        web_safe.append(tf.strings.regex_replace(
+            tf.strings.regex_replace(piece_text, r"\+", "-"), "/", "_"))
+    is_text = tf.logical_and(tf.concat(alphabet_ok, axis=0), tf.equal(length % 4, 0))  # [B]
     ok = tf.reduce_all(tf.logical_or(is_text, raw_ok))
-    # Raw rows are blanked first, so the mapping only walks text (a raw row is not scanned
-    # beyond its first byte outside the alphabet, where the regex stops).
-    text = tf.where(is_text, strings, tf.fill(tf.shape(strings), ""))
-    # tf.io.decode_base64 reads the web-safe alphabet only.
-    web_safe = tf.strings.regex_replace(tf.strings.regex_replace(text, r"\+", "-"), "/", "_")
-    return _B64Parts(strings, is_text, ok, web_safe)
+    return _B64Parts(strings, is_text, ok, tuple(web_safe))
 
 
 def _decode_checked(parts: _B64Parts, num_boxes: tf.Tensor, bytes_per_box: int, field: str,
@@ -99,13 +137,13 @@ def _decode_checked(parts: _B64Parts, num_boxes: tf.Tensor, bytes_per_box: int, 
     Returns (raw little-endian bytes [B], the field's last check). Fails naming `field`.
     """
     with tf.control_dependencies(after):
-        b64_check = tf.debugging.assert_equal(
-            parts.ok, True,
-            message=f"{field}: neither standard base64 text (alphabet A-Z a-z 0-9 + /, '=' "
-                    f"padding, length a multiple of 4) nor num_boxes x {bytes_per_box} raw "
-                    f"bytes")
+        b64_check = _assert(
+            parts.ok,
+            f"{field}: neither standard base64 text (alphabet A-Z a-z 0-9 + /, '=' "
+            f"padding, length a multiple of 4) nor num_boxes x {bytes_per_box} raw bytes")
     with tf.control_dependencies([b64_check]):
-        decoded = tf.where(parts.is_text, tf.io.decode_base64(parts.web_safe), parts.strings)
+        text = tf.concat([tf.io.decode_base64(w) for w in parts.web_safe], axis=0)  # [B]
+        decoded = tf.where(parts.is_text, text, parts.strings)
     with tf.control_dependencies([b64_check]):
         length_check = _check_lengths(decoded, num_boxes, bytes_per_box, field)
     return decoded, length_check
@@ -115,10 +153,10 @@ def _check_lengths(decoded: tf.Tensor, num_boxes: tf.Tensor, bytes_per_box: int,
                    field: str) -> tf.Operation:
     expected = tf.cast(num_boxes, tf.int64) * bytes_per_box
     actual = tf.cast(tf.strings.length(decoded), tf.int64)
-    return tf.debugging.assert_equal(
-        actual, expected,
-        message=f"{field}: decoded length (bytes) does not match num_boxes x {bytes_per_box} "
-                f"bytes per box")
+    return _assert(
+        tf.equal(actual, expected),
+        f"{field}: decoded length (bytes) does not match num_boxes x {bytes_per_box} bytes "
+        f"per box")
 
 
 def _decode_padded(decoded: tf.Tensor, dtype, bytes_per_box: int, max_n: tf.Tensor,
@@ -141,17 +179,16 @@ def _common_checks(num_boxes, image_h, image_w, max_n=None):
     The count is range-checked in its request dtype (int64), and cast only after the checks.
     """
     checks = [
-        tf.debugging.assert_positive(num_boxes, message=f"{NUM_BOXES_FIELD}: must be >= 1"),
-        tf.debugging.assert_less_equal(
-            num_boxes, tf.constant(_MAX_NUM_BOXES, num_boxes.dtype),
-            message=f"{NUM_BOXES_FIELD}: must be <= {_MAX_NUM_BOXES}"),
-        tf.debugging.assert_positive(image_h, message=f"{IMAGE_H_FIELD}: must be > 0"),
-        tf.debugging.assert_positive(image_w, message=f"{IMAGE_W_FIELD}: must be > 0"),
+        _assert(num_boxes > 0, f"{NUM_BOXES_FIELD}: must be >= 1"),
+        _assert(num_boxes <= tf.constant(_MAX_NUM_BOXES, num_boxes.dtype),
+                f"{NUM_BOXES_FIELD}: must be <= {_MAX_NUM_BOXES}"),
+        _assert(image_h > 0, f"{IMAGE_H_FIELD}: must be > 0"),
+        _assert(image_w > 0, f"{IMAGE_W_FIELD}: must be > 0"),
     ]
     if max_n is not None:
-        checks.append(tf.debugging.assert_less_equal(
-            tf.cast(num_boxes, tf.int64), tf.cast(max_n, tf.int64),
-            message=f"{NUM_BOXES_FIELD}: larger than the padded box dimension of the inputs"))
+        checks.append(_assert(
+            tf.cast(num_boxes, tf.int64) <= tf.cast(max_n, tf.int64),
+            f"{NUM_BOXES_FIELD}: larger than the padded box dimension of the inputs"))
     with tf.control_dependencies(checks[:2]):
         return tf.cast(num_boxes, tf.int32), checks
 
@@ -179,7 +216,9 @@ def decode_b64_boxes(boxes: tf.Tensor, features: tf.Tensor, class_labels: tf.Ten
     # fail) and runs in parallel; the checks run one after the other, in prep's order
     # (data_prep.tsv.parse_row), so a request with several problems reports the one prep
     # would.
-    parts = {field: _b64_parts(value, num_boxes, width) for field, value, width in fields}
+    parts = {field: _b64_parts(value, num_boxes, width,
+                               _FEATURE_PIECES if field == FEATURES_FIELD else 1)
+             for field, value, width in fields}
     raw = {}
     for field, _, width in fields:
         raw[field], length_check = _decode_checked(parts[field], num_boxes, width, field,
@@ -227,12 +266,10 @@ def process_dense_products(boxes: tf.Tensor, features: tf.Tensor, class_labels: 
       Products, boxes padded to min(N, max_boxes).
     """
     num_boxes, checks = _common_checks(num_boxes, image_h, image_w, max_n=tf.shape(boxes)[1])
-    checks.append(tf.debugging.assert_equal(
-        tf.shape(features)[1], tf.shape(boxes)[1],
-        message=f"{FEATURES_FIELD}: box dimension differs from {BOXES_FIELD}'s"))
-    checks.append(tf.debugging.assert_equal(
-        tf.shape(class_labels)[1], tf.shape(boxes)[1],
-        message=f"{LABELS_FIELD}: box dimension differs from {BOXES_FIELD}'s"))
+    checks.append(_assert(tf.equal(tf.shape(features)[1], tf.shape(boxes)[1]),
+                          f"{FEATURES_FIELD}: box dimension differs from {BOXES_FIELD}'s"))
+    checks.append(_assert(tf.equal(tf.shape(class_labels)[1], tf.shape(boxes)[1]),
+                          f"{LABELS_FIELD}: box dimension differs from {BOXES_FIELD}'s"))
     boxes, features, class_labels = _with_checks(
         checks, [tf.cast(boxes, tf.float32), tf.cast(features, tf.float32),
                  tf.cast(class_labels, tf.int64)])
@@ -261,19 +298,15 @@ def _process(boxes, features, labels, num_boxes, image_h, image_w, max_boxes) ->
                             tf.logical_and(top < bottom, left < right))
     labels_ok = tf.logical_or(tf.logical_not(valid),
                               tf.logical_and(labels >= 0, labels < schema.NUM_CLASSES))
-    # Features [B, N, F] are reduced per box first (two passes over them), then masked at
-    # [B, N]: no [B, N, F] masks. A box with a NaN fails the finiteness check, which is
-    # reported before the sign check, so the NaN-blind minimum is only read for finite boxes.
-    box_finite = tf.reduce_all(tf.math.is_finite(features), axis=2)        # [B, N]
-    box_min = tf.reduce_min(features, axis=2)                              # [B, N]
     invalid = tf.logical_not(valid)
+    box_finite, box_not_negative = _feature_checks(features, valid)      # [B, N] each
     # (condition, message) in prep's order (data_prep.tsv.parse_row); chained below so the
     # first failing one is reported.
     conditions = [
         (tf.logical_or(tf.logical_not(valid4), tf.math.is_finite(boxes)),
          f"{BOXES_FIELD}: not finite"),
         (tf.logical_or(invalid, box_finite), f"{FEATURES_FIELD}: not finite"),
-        (tf.logical_or(invalid, box_min >= 0.0),
+        (tf.logical_or(invalid, box_not_negative),
          f"{FEATURES_FIELD}: negative value (region features are >= 0)"),
         (labels_ok, f"{LABELS_FIELD}: class id outside [0, {schema.NUM_CLASSES})"),
         (tf.logical_or(tf.logical_not(valid4), inside),
@@ -283,8 +316,7 @@ def _process(boxes, features, labels, num_boxes, image_h, image_w, max_boxes) ->
     checks = []
     for condition, message in conditions:
         with tf.control_dependencies(checks):
-            checks = [tf.debugging.assert_equal(tf.reduce_all(condition), True,
-                                                message=message)]
+            checks = [_assert(condition, message)]
     with tf.control_dependencies(checks):
         clipped = tf.identity(clipped)
 
@@ -323,6 +355,39 @@ def _process(boxes, features, labels, num_boxes, image_h, image_w, max_boxes) ->
         num_boxes=kept_n,
         boxes=kept_boxes * keep_f[:, :, None],
     )
+
+
+# float32 bits read as uint32: finite values >= +0 are exactly those below +inf's bits;
+# -0.0 is the sign bit alone, and every negative value (or -inf, or a NaN with the sign
+# bit) is above it.
+_POSITIVE_INF_BITS = 0x7F800000
+_NEGATIVE_ZERO_BITS = 0x80000000
+
+
+def _feature_checks(features: tf.Tensor, valid: tf.Tensor):
+    """Per box: are its features all finite, and none below zero (-0.0 is not)?
+
+    One integer reduction over the features' bits answers both for the rule, a box of
+    finite values >= +0 (as prep's tsv._check_features); the finiteness check over the
+    floats runs only when a valid box has a value at or beyond +inf's bits (a non-finite
+    or negative value, or -0.0). The sign is read from the bits, not a float comparison,
+    which the CPU's flush-to-zero mode would let a negative denormal (-1e-45) through,
+    unlike prep.
+
+    Args:
+      features: float32 [B, N, F]; valid: bool [B, N], the boxes that count.
+    Returns:
+      (finite, not_negative), bool [B, N] each; not_negative is meaningful for finite
+      boxes only (finiteness is checked, and reported, first).
+    """
+    bits_max = tf.reduce_max(tf.bitcast(features, tf.uint32), axis=2)      # [B, N]
+    not_negative = bits_max <= tf.constant(_NEGATIVE_ZERO_BITS, tf.uint32)
+    suspect = tf.reduce_any(tf.logical_and(
+        valid, bits_max >= tf.constant(_POSITIVE_INF_BITS, tf.uint32)))
+    finite = tf.cond(suspect,
+                     lambda: tf.reduce_all(tf.math.is_finite(features), axis=2),
+                     lambda: tf.ones_like(valid))
+    return finite, not_negative
 
 
 def _relative_geometry(boxes: tf.Tensor, image_h: tf.Tensor, image_w: tf.Tensor) -> tf.Tensor:

@@ -124,8 +124,9 @@ def export_saved_model(model_dir: str, prep: PrepDir, export_dir: str,
       model_name: the model name written into the warm-up requests.
       warmup_tsv: a competition TSV whose first query group makes the warm-up requests
         (default: small generated requests built from the vocabulary).
-      list_stage: `rank`'s list stage: "fit" (fit PRF on the prep's valid lists), "off"
-        (rank's scores are the first-stage scores), or the path of a params JSON file
+      list_stage: `rank`'s list stage: "fit" (fit the first stage's tower weight, then
+        PRF, on the prep's valid lists: export.list_fit.fit_lists), "off" (rank's scores
+        are the trained first-stage scores), or the path of a params JSON file
         ({"weight", "m", "iterations"}, or an earlier export's mmrecall_export.json);
         default "fit" when the prep has a valid split, else "off".
     Raises:
@@ -134,7 +135,8 @@ def export_saved_model(model_dir: str, prep: PrepDir, export_dir: str,
     cfg = cfg or Config.load(model_dir)
     ckpt = latest_checkpoint(model_dir, checkpoint)
     spec, model_cfg = export_spec(cfg, prep)
-    prf_params, list_record = list_fit.resolve_list_stage(list_stage, model_cfg, prep, ckpt)
+    served = list_fit.resolve_list_stage(list_stage, model_cfg, prep, ckpt)
+    model_cfg, prf_params, list_record = served.config, served.list_stage, served.record
     requests = (warmup.sample_inputs_from_tsv(warmup_tsv) if warmup_tsv
                 else warmup.sample_inputs(spec.vocab_tokens))
     tmp, final = _new_version_dir(export_dir)

@@ -1,7 +1,7 @@
 """`mmrecall train`: tf.estimator.train_and_evaluate over a `mmrecall prep` directory.
 
     mmrecall train --data PREP_DIR --model-dir DIR [--steps N] [--config f.json]
-                   [--set key=value ...] [--no-export-best]
+                   [--set key=value ...] [--no-export-best] [--no-pictures]
 
 Config precedence: defaults < DIR/config.json (when resuming) < --config < --set < --steps
 (estimator.train.config_from_args). The resolved config is written to DIR/config.json.
@@ -10,10 +10,12 @@ Training resumes from the latest checkpoint in DIR and runs until the global ste
 checkpoint (at most every `eval_throttle_secs`) and at the end; each evaluation is printed
 as one line ("eval @ step S: ndcg@5 ..."), and the final metrics as JSON. The chief prints
 one progress line per `log_step_count_steps` (step / total, steps/s, elapsed, ETA;
-estimator.progress). TensorBoard summaries: see estimator.run_summaries. Unless
---no-export-best, the best SavedModel by valid NDCG@5 is kept in DIR/export/best_ndcg/
-(export.best_exporter.BestNdcgExporter, wired in here so that the estimator package does
-not depend on export).
+estimator.progress). TensorBoard summaries: see estimator.run_summaries; unless
+--no-pictures, each evaluation also writes attention heat maps and top-5 lists of fixed
+valid queries to DIR/pictures/ and the final one the Embedding Projector's files to
+DIR/projector/ (estimator.pictures). Unless --no-export-best, the best SavedModel by valid
+NDCG@5 is kept in DIR/export/best_ndcg/ (export.best_exporter.BestNdcgExporter, wired in
+here so that the estimator package does not depend on export).
 
 Distributed: with TF_CONFIG set, `train_and_evaluate` runs the chief/worker/ps/evaluator
 roles (see `mmrecall cluster-local`); each worker reads a disjoint share of the training
@@ -28,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_prep.manifest import PrepDir, PrepDirError
-from estimator import progress
+from estimator import pictures, progress
 from estimator import train as train_lib
 from export.best_exporter import BestNdcgExporter
 
@@ -46,6 +48,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-export-best", action="store_true",
                         help="do not keep the best SavedModel by valid NDCG@5 in "
                              "MODEL_DIR/export/best_ndcg/ (kept by default)")
+    parser.add_argument("--no-pictures", action="store_true",
+                        help="after each evaluation, do not write the attention heat maps "
+                             "and top-5 lists of fixed valid queries (MODEL_DIR/pictures/), "
+                             "nor after the last the Embedding Projector's files "
+                             "(MODEL_DIR/projector/)")
     return parser.parse_args(argv)
 
 
@@ -87,9 +94,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     tf.compat.v1.logging.set_verbosity(tf.compat.v1.logging.INFO)
     cfg = train_lib.config_from_args(args)
+    # The best export first: the chief may remove an evaluated checkpoint meanwhile.
     exporters = [progress.EvalLinePrinter()]
     if not args.no_export_best:
         exporters.append(BestNdcgExporter(prep))
+    if not args.no_pictures:
+        exporters.append(pictures.PicturesExporter(prep))
     # Progress lines from the chief only (RunConfig reads TF_CONFIG).
     hooks = ([progress.ProgressHook(cfg.train_steps, cfg.log_step_count_steps)]
              if tf.estimator.RunConfig().is_chief else [])

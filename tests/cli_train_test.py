@@ -9,7 +9,7 @@ import pytest
 
 import mmrecall_cli
 from data_prep.manifest import PrepDir
-from estimator import progress
+from estimator import pictures, progress
 from export.best_exporter import BestNdcgExporter
 from mmrecall_cli import train as cli_train
 from mmrecall_testing import model_fixtures
@@ -47,9 +47,11 @@ def test_main_wires_the_best_exporter_and_prints_final_eval(prep_path, tmp_path,
     assert isinstance(call["prep"], PrepDir) and call["prep"].path == prep_path
     assert call["model_dir"] == model_dir
     assert (call["cfg"].train_steps, call["cfg"].batch_size) == (7, 4)
-    printer, exporter = call["exporters"]
+    printer, exporter, drawer = call["exporters"]
     assert isinstance(printer, progress.EvalLinePrinter)    # one line per evaluation
+    # The best export before the pictures: the chief may remove the checkpoint meanwhile.
     assert isinstance(exporter, BestNdcgExporter) and exporter.name == "best_ndcg"
+    assert isinstance(drawer, pictures.PicturesExporter)    # TensorBoard pictures, projector
     (hook,) = call["train_hooks"]                             # the chief prints progress
     assert isinstance(hook, progress.ProgressHook)
     line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -62,7 +64,11 @@ def test_no_export_best_and_no_valid_split(prep_path, tmp_path, monkeypatch, cap
     calls = _stub_train(monkeypatch, None)
     assert cli_train.main(["--data", prep_path, "--model-dir", str(tmp_path / "m"),
                            "--no-export-best"]) == 0
-    assert [type(e) for e in calls[0]["exporters"]] == [progress.EvalLinePrinter]
+    assert [type(e) for e in calls[0]["exporters"]] == [progress.EvalLinePrinter,
+                                                       pictures.PicturesExporter]
+    assert cli_train.main(["--data", prep_path, "--model-dir", str(tmp_path / "m"),
+                           "--no-export-best", "--no-pictures"]) == 0
+    assert [type(e) for e in calls[1]["exporters"]] == [progress.EvalLinePrinter]
     assert "final eval" not in capsys.readouterr().out
 
 

@@ -36,7 +36,8 @@ def test_generate_prep_train_export_rank_score(tmp_path):
     version = os.path.join(root, printed[-1])
     assert os.path.basename(version).isdigit() and os.path.isdir(version)
     # The list stage was fitted on the 4 valid lists (the prep has answers for them).
-    assert printed[-2].startswith("list stage: ") and "4 valid lists" in printed[-2]
+    assert printed[-2].startswith("first stage: ") and "list stage: " in printed[-2]
+    assert "4 valid lists" in printed[-2]
     assert os.path.exists(os.path.join(version, "assets.extra", "tf_serving_warmup_requests"))
 
     _run(["rank", "--model", "export", "--input", "gen/valid.tsv", "--out", "submission.csv",

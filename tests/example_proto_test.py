@@ -65,3 +65,20 @@ def test_decode_int64_scalars_reads_ids_back_from_a_record():
                    schema.LABEL: schema.UNKNOWN_LABEL}
     with pytest.raises(ValueError):
         example_proto.decode_int64_scalars(record[:-3], [schema.PRODUCT_ID])
+
+
+@pytest.mark.parametrize("query, key", [("", 0), ("q", 127), ("x" * 125, 128),
+                                        ("é" * 64, 2 ** 62 + 5), ("silk " * 60, 1)])
+def test_query_entries_of_every_size_equal_schema_encode_example(query, key):
+    # Query lengths around the 1- / 2-byte varint boundary (127, 128 bytes) and keys on
+    # both sides of it; the entries are built from prefixes cached by size.
+    example_proto.clear_caches()
+    rng = np.random.default_rng(len(query))
+    lemmas = query.split() or ["q"]
+    args = dict(product_id=1, query_id=2, image_h=3, image_w=4, query=query,
+                query_lemmas=lemmas, query_key=key, boxes=rng.random((2, 4), dtype=np.float32),
+                box_geometry=rng.random((2, 6), dtype=np.float32),
+                box_features=rng.random((2, schema.FEATURE_DIM), dtype=np.float32),
+                box_labels=np.array([1, 2]), label=1)
+    for _ in range(2):  # built, then cached
+        assert example_proto.encode_record(**args) == schema.encode_example(**args)

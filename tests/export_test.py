@@ -518,8 +518,9 @@ def test_export_records_and_prints_the_list_stage(listed):
     assert listed["printed"][-2].startswith("list stage: PRF")
     assert os.path.basename(listed["printed"][-1]).isdigit()
     # A params file may be an earlier export's metadata.
-    assert list_fit.load_params(os.path.join(listed["path"], "assets.extra",
-                                             saved_model.METADATA_FILE)) == PRF
+    params, serving = list_fit.load_params(os.path.join(listed["path"], "assets.extra",
+                                                        saved_model.METADATA_FILE))
+    assert params == PRF and serving == record["serving"]
 
 
 def test_rank_list_stage_equals_the_numpy_twin_for_lists_of_1_to_c(world, listed):
@@ -798,6 +799,25 @@ def test_best_ndcg_exporter_keeps_only_improvements(tmp_path, monkeypatch):
     off = best_exporter.BestNdcgExporter(prep, list_stage="off")
     assert off.export(est, base, "c7", {"ndcg@5": 0.9}, False) is not None
     assert stages == [None, None, None, "off"]
+
+
+def test_best_ndcg_exporter_survives_a_checkpoint_the_chief_removed(tmp_path, monkeypatch):
+    def failing_export(*args, **kwargs):
+        raise ValueError("The passed save_path is not a valid checkpoint")
+
+    monkeypatch.setattr(saved_model, "export_saved_model", failing_export)
+    exporter = best_exporter.BestNdcgExporter(object())
+    base = str(tmp_path / "export" / exporter.name)
+    os.makedirs(base)
+    est = _FakeEstimator(str(tmp_path))
+    gone = str(tmp_path / "model.ckpt-5")
+    assert exporter.export(est, base, gone, {"ndcg@5": 0.5}, False) is None
+    assert not os.path.exists(os.path.join(base, "best_metric.json"))
+    # A checkpoint that is still there fails loudly: the error is not a removal.
+    present = str(tmp_path / "model.ckpt-6")
+    open(present + ".index", "w").close()
+    with pytest.raises(ValueError, match="not a valid checkpoint"):
+        exporter.export(est, base, present, {"ndcg@5": 0.6}, False)
 
 
 def test_sample_serving_configs_parse():

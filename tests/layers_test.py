@@ -96,3 +96,57 @@ def test_masked_mean_hand_computed_and_padding_ignored():
 def test_get_config_round_trips(layer):
     clone = type(layer).from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+
+
+# Pairs by index: K = 3 partners per example, P = 13 * 4 = 52 pairs.
+PAIR_Q = np.repeat(np.arange(B), 4).astype(np.int32)
+PAIR_P = np.random.RandomState(3).randint(0, B, size=B * 4).astype(np.int32)
+
+
+def _values_and_gradients(layer, inputs, run):
+    """(outputs, d(sum of outputs * fixed weights) / d(variables and inputs)) of run()."""
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(inputs)
+        outs = run()
+        total = tf.add_n([tf.reduce_sum(o * _x(o.shape, seed=7 + i)) for i, o in enumerate(outs)])
+    grads = tape.gradient(total, layer.trainable_variables + inputs)
+    return [o.numpy() for o in outs], [tf.convert_to_tensor(g).numpy() for g in grads]
+
+
+def _assert_same(got, want):
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_with_pair_indices_equals_gathering_first():
+    cross = layers.CrossAttention(D, H, name="cross")
+    q, ctx = _x([B, T, D]), _x([B, N, D], seed=1)
+    mask = tf.gather(_mask(LENGTHS_N, N), PAIR_P)                          # [P, N]
+    cross(q, ctx, _mask(LENGTHS_N, N))                                       # builds
+    want = _values_and_gradients(cross, [q, ctx], lambda: cross(
+        tf.gather(q, PAIR_Q), tf.gather(ctx, PAIR_P), mask))
+    got = _values_and_gradients(cross, [q, ctx], lambda: cross(
+        q, ctx, mask, x_index=PAIR_Q, context_index=PAIR_P))
+    assert got[0][0].shape == (B * 4, T, D) and got[0][1].shape == (B * 4, H, T, N)
+    _assert_same(got[0] + got[1], want[0] + want[1])
+    # The index path must not be a gather-first in disguise of the wrong rows.
+    wrong = cross(q, ctx, mask, x_index=PAIR_P, context_index=PAIR_Q)[0].numpy()
+    assert np.abs(wrong - want[0][0]).max() > 1e-3
+
+
+def test_gated_fusion_with_pair_index_equals_gathering_first_and_the_concat_form():
+    fusion = layers.GatedFusion(D, 32, name="fusion")
+    x, attended = _x([B, T, D]), _x([B * 4, T, D], seed=2)
+    fusion(tf.gather(x, PAIR_Q), attended)                                   # builds
+    xg = tf.gather(x, PAIR_Q).numpy()
+    a = attended.numpy()
+    # The gate of the docstring, W applied to the concatenation [x; a; x*a].
+    kernel, bias = fusion.gate_dense.kernel.numpy(), fusion.gate_dense.bias.numpy()
+    want_gate = 1.0 / (1.0 + np.exp(-(np.concatenate([xg, a, xg * a], -1) @ kernel + bias)))
+    want = _values_and_gradients(fusion, [x, attended], lambda: fusion(
+        tf.gather(x, PAIR_Q), attended))
+    got = _values_and_gradients(fusion, [x, attended], lambda: fusion(
+        x, attended, x_index=PAIR_Q))
+    np.testing.assert_allclose(got[0][1], want_gate, rtol=1e-5, atol=1e-5)
+    _assert_same(got[0] + got[1], want[0] + want[1])
+    assert [v.name for v in fusion.trainable_variables].count("fusion/gate/kernel:0") == 1

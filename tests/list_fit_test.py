@@ -40,6 +40,11 @@ def test_lists_from_pairs_pads_and_counts_a_repeated_product_once():
     emb = np.arange(10, dtype=np.float32).reshape(5, 2)
     labels = [1, 0, 1, 1, 0]
     lists = list_fit.lists_from_pairs(qids, pids, scores, emb, labels)
+    assert lists.cross is None and lists.tower is None
+    parts = list_fit.lists_from_pairs(qids, pids, scores, emb, labels, cross=[1, 2, 3, 4, 5],
+                                      tower=[-1, -2, -3, -4, -5])
+    np.testing.assert_array_equal(parts.cross, [[1, 2, 5], [3, 0, 0]])
+    np.testing.assert_array_equal(parts.tower, [[-1, -2, -5], [-3, 0, 0]])
     assert lists.query_ids.tolist() == [4, 2]
     assert lists.product_ids.tolist() == [[7, 8, 9], [5, 0, 0]]
     assert lists.mask.tolist() == [[True, True, True], [True, False, False]]
@@ -62,35 +67,54 @@ def test_list_arrays_equal_the_estimator_predictions(world):
                                        rtol=0, atol=TOL)
             assert lists.labels[q, c] == (pid in world["answers"][int(qid)])
     assert lists.labels.sum() > 0 and np.std(lists.scores[lists.mask]) > 1e-2
+    # The served score is its two parts as the Config mixes them.
+    weight = list_fit.trained_tower_weight(world["model_cfg"])
+    np.testing.assert_allclose(
+        list_lib.mixed_scores(lists.cross, lists.tower, weight)[lists.mask],
+        lists.scores[lists.mask], rtol=0, atol=TOL)
+    assert np.std(lists.cross[lists.mask]) > 1e-3 and np.std(lists.tower[lists.mask]) > 1e-3
 
 
 def test_resolve_off_file_and_fit(world, tmp_path):
     args = (world["model_cfg"], world["prep_dir"], world["ckpt"])
-    assert list_fit.resolve_list_stage("off", *args) == (None, {"mode": "off", "params": None})
+    cfg = world["model_cfg"]
+    assert list_fit.resolve_list_stage("off", *args) == (cfg, None,
+                                                         {"mode": "off", "params": None})
     params_file = str(tmp_path / "p.json")
     with open(params_file, "w") as f:
         json.dump({"weight": 1.5, "m": 4, "iterations": 2}, f)
-    params, record = list_fit.resolve_list_stage(params_file, *args)
-    assert params == list_lib.PrfParams(1.5, 4, 2)
-    assert record == {"mode": "file", "file": params_file, "params": params.to_dict()}
+    served_cfg, params, record = list_fit.resolve_list_stage(params_file, *args)
+    assert params == list_lib.PrfParams(1.5, 4, 2) and served_cfg == cfg
+    assert record == {"mode": "file", "file": params_file, "params": params.to_dict(),
+                      "serving": {"serving_score": cfg.serving_score,
+                                  "tower_weight": cfg.tower_score_weight}}
+    # An earlier export's record brings its served score along.
+    with open(params_file, "w") as f:
+        json.dump({"list_stage": {"params": params.to_dict(), "serving": {
+            "serving_score": "sum", "tower_weight": 2.5}}}, f)
+    served_cfg = list_fit.resolve_list_stage(params_file, *args).config
+    assert (served_cfg.serving_score, served_cfg.tower_score_weight) == ("sum", 2.5)
     # A weight-0 setting ranks as the first stage: nothing is served.
     with open(params_file, "w") as f:
         json.dump({"weight": 0.0, "m": 4, "iterations": 2}, f)
-    assert list_fit.resolve_list_stage(params_file, *args)[0] is None
+    assert list_fit.resolve_list_stage(params_file, *args).list_stage is None
     with open(params_file, "w") as f:
         json.dump({"weight": 1.0, "k": 4}, f)
     with pytest.raises(ValueError, match="unknown PRF settings"):
         list_fit.resolve_list_stage(params_file, *args)
 
     # Default with a valid split: fit, out of fold over the 7 lists.
-    params, record = list_fit.resolve_list_stage(None, *args, folds=3)
+    served_cfg, params, record = list_fit.resolve_list_stage(None, *args, folds=3)
     fit = record["fit"]
+    assert record["score_mix"]["lists"] == 7
+    assert record["serving"] == {"serving_score": served_cfg.serving_score,
+                                 "tower_weight": served_cfg.tower_score_weight}
     assert record["mode"] == "fit" and fit["lists"] == 7 and len(fit["fold_params"]) == 3
     assert record["params"] == fit["params"]
     assert (params is None) == (fit["params"]["weight"] == 0.0)
     assert 0.0 <= fit["prf_ndcg@5_out_of_fold"] <= 1.0
     line = list_fit.describe(record)
-    assert line.startswith("list stage: ") and "out-of-fold" in line
+    assert line.startswith("first stage: ") and "list stage: " in line and "out-of-fold" in line
     assert "7 valid lists" in line
 
 
@@ -104,7 +128,7 @@ class _NoValid:
 
 def test_fit_needs_a_valid_split():
     assert list_fit.default_mode(_NoValid()) == list_fit.OFF
-    assert list_fit.resolve_list_stage(None, None, _NoValid(), "ckpt")[0] is None
+    assert list_fit.resolve_list_stage(None, None, _NoValid(), "ckpt").list_stage is None
     with pytest.raises(ValueError, match="needs the prep's valid split"):
         list_fit.resolve_list_stage("fit", None, _NoValid(), "ckpt")
 
@@ -115,5 +139,42 @@ def test_describe_each_mode():
                                                "params": {"weight": 1.0, "m": 3,
                                                           "iterations": 1}})
     kept = {"mode": "fit", "params": {"weight": 0.0, "m": 3, "iterations": 0},
-            "fit": {"lists": 9, "first_stage_ndcg@5": 0.5, "prf_ndcg@5_out_of_fold": 0.5}}
-    assert "2 standard errors" in list_fit.describe(kept)
+            "fit": {"lists": 9, "first_stage_ndcg@5": 0.5, "prf_ndcg@5_out_of_fold": 0.5},
+            "score_mix": {"trained_ndcg@5": 0.4, "fitted_ndcg@5_out_of_fold": 0.5},
+            "serving": {"serving_score": "sum", "tower_weight": 2.0}}
+    line = list_fit.describe(kept)
+    assert "2.5 standard errors" in line and "sum (tower weight 2)" in line
+
+
+def _lists_whose_towers_rank_better(rng, q=40, c=12):
+    labels = np.zeros((q, c), np.int64)
+    labels[:, :3] = 1
+    tower = labels + 0.3 * rng.normal(size=(q, c))
+    cross = labels + 3.0 * rng.normal(size=(q, c))
+    emb = rng.normal(size=(q, c, 4)).astype(np.float32)
+    return list_fit.ListArrays(np.arange(q), np.arange(q * c).reshape(q, c), cross + tower,
+                               emb, labels, np.ones((q, c), bool), cross, tower)
+
+
+def test_fit_lists_serves_the_better_part_and_fits_prf_over_it():
+    lists = _lists_whose_towers_rank_better(np.random.default_rng(3))
+    cfg = Config(word_embedding_size=8, serving_score="sum", tower_score_weight=1.0)
+    served = list_fit.fit_lists(lists, cfg)
+    mix = served.record["score_mix"]
+    assert list_fit.trained_tower_weight(served.config) > 1.0, mix
+    assert mix["fitted_ndcg@5_out_of_fold"] > mix["trained_ndcg@5"] + 0.02
+    # PRF is fitted over the fitted first stage, not the trained one.
+    assert served.record["fit"]["first_stage_ndcg@5"] == pytest.approx(
+        mix["grid_ndcg@5_in_sample"][[g["tower_weight"] for g in mix[
+            "grid_ndcg@5_in_sample"]].index(mix["tower_weight"])]["ndcg"])
+    # A towers-only model has no weight to fit: its trained score stays.
+    towers = Config(word_embedding_size=8, serving_score="tower",
+                    loss_weights={"softmax": 1.0}, num_negatives=0)
+    served = list_fit.fit_lists(lists, towers)
+    assert served.config == towers and served.record["score_mix"]["fitted"] is False
+
+
+def test_tower_weight_round_trips_through_the_config():
+    cfg = Config(word_embedding_size=8)
+    for weight in (0.0, 0.5, 3.0, list_lib.TOWER_ONLY):
+        assert list_fit.trained_tower_weight(list_fit.with_tower_weight(cfg, weight)) == weight

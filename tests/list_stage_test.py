@@ -292,3 +292,46 @@ def test_reranker_guard_keeps_the_first_stage_without_list_signal():
     lists = _regime(np.random.default_rng(1), signal=False, q=40)
     fit = ls.fit_reranker(*lists, cfg=ls.RerankerConfig(steps=60), folds=2, seed=0)
     assert fit.reranker_ndcg >= fit.first_stage_ndcg - 0.005, fit.to_dict()
+
+
+def _two_scores(rng, q=60, c=20, answers=4, tower_noise=0.5, cross_noise=3.0):
+    """Lists whose towers' score tells answers apart better than the matcher's."""
+    labels = np.zeros((q, c), np.int64)
+    labels[:, :answers] = 1
+    truth = labels.astype(np.float64)
+    tower = truth + tower_noise * rng.normal(size=(q, c))
+    cross = truth + cross_noise * rng.normal(size=(q, c))
+    return cross, tower, np.ones((q, c), bool), labels
+
+
+def test_tower_weight_leans_on_the_better_score_out_of_fold():
+    cross, tower, mask, labels = _two_scores(np.random.default_rng(5))
+    fit = ls.fit_tower_weight(cross, tower, mask, labels, trained_weight=1.0)
+    assert fit.tower_weight > 1.0, fit.to_dict()
+    assert fit.fitted_ndcg > fit.trained_ndcg + 0.02, fit.to_dict()
+    # And the other way round: a good matcher pulls the weight below the trained one.
+    fit = ls.fit_tower_weight(tower, cross, mask, labels, trained_weight=1.0)
+    assert fit.tower_weight < 1.0 and fit.fitted_ndcg > fit.trained_ndcg, fit.to_dict()
+
+
+def test_tower_weight_keeps_the_trained_weight_without_evidence():
+    rng = np.random.default_rng(6)
+    cross, tower, mask, labels = _two_scores(rng, tower_noise=1.0, cross_noise=1.0)
+    cross = tower + 1e-3 * rng.normal(size=tower.shape)     # the same ranking either way
+    fit = ls.fit_tower_weight(cross, tower, mask, labels, trained_weight=0.5)
+    assert fit.tower_weight == 0.5 and fit.fold_weights == [0.5] * 5
+    assert fit.fitted_ndcg == pytest.approx(fit.trained_ndcg, abs=1e-12)
+
+
+def test_tower_only_weight_scores_the_towers_alone():
+    rng = np.random.default_rng(7)
+    cross, tower = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    np.testing.assert_array_equal(ls.mixed_scores(cross, tower, ls.TOWER_ONLY), tower)
+    np.testing.assert_allclose(ls.mixed_scores(cross, tower, 2.0), cross + 2.0 * tower)
+    cross, tower, mask, labels = _two_scores(rng, cross_noise=50.0)
+    fit = ls.fit_tower_weight(cross, tower, mask, labels, trained_weight=ls.TOWER_ONLY)
+    record = fit.to_dict()
+    assert record["tower_weight"] == "tower" and record["grid_ndcg@5_in_sample"][0][
+        "tower_weight"] == "tower"
+    with pytest.raises(ValueError, match=">= 0"):
+        ls.fit_tower_weight(cross, tower, mask, labels, trained_weight=-1.0)

@@ -63,9 +63,10 @@ def test_model_fn_all_modes(mode):
                 assert out[outputs.QUERY_EMBEDDING].shape == (13, 16)
                 assert out[outputs.PRODUCT_EMBEDDING].shape == (13, 16)
                 np.testing.assert_array_equal(out["product_id"], f[schema.F_PRODUCT_ID])
-                np.testing.assert_allclose(out[outputs.SCORE],
-                                           out[outputs.CROSS_LOGIT] + out[outputs.TOWER_SCORE],
+                # The default serves the towers' score; the cross logit comes alongside.
+                np.testing.assert_allclose(out[outputs.SCORE], out[outputs.TOWER_SCORE],
                                            rtol=1e-5, atol=1e-5)
+                assert np.abs(out[outputs.CROSS_LOGIT] - out[outputs.SCORE]).max() > 1e-3
 
 
 @pytest.mark.parametrize("mode", [TRAIN, EVAL])
@@ -354,3 +355,40 @@ def test_eval_ndcg_counts_a_duplicated_product_once_as_the_scorer_does():
         score.ndcg_at_5(rank.top_k(ids[qids == q], scores[qids == q]),
                         set(ids[(qids == q) & (labels > 0)].tolist())) for q in (0, 1)])
     assert in_graph == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("cross_layers", [1, 2])
+def test_score_pairs_by_index_equals_scoring_gathered_pairs(cross_layers):
+    # The training path scores pairs by index (first-round projections once per example);
+    # it must give the scores, and the gradients, of scoring the gathered pairs.
+    cfg = _cfg(cross_layers=cross_layers, serving_score="sum")
+    f = random_batch(13, 7, 5, V, seed=4)
+    q_index = np.repeat(np.arange(13), 4).astype(np.int32)                      # K = 3
+    p_index = np.random.RandomState(5).randint(0, 13, size=52).astype(np.int32)
+    with tf.Graph().as_default():
+        ranker = network.build_ranker(cfg, V)
+        num_tokens = tf.constant(f[schema.F_NUM_TOKENS])
+        num_boxes = tf.constant(f[schema.F_NUM_BOXES])
+        q_states, q_pooled = ranker.encode_query(f[schema.F_TOKEN_IDS], num_tokens)
+        p_states, p_pooled = ranker.encode_product(
+            f[schema.F_BOX_FEATURES], f[schema.F_BOX_GEOMETRY], f[schema.F_BOX_LABELS],
+            num_boxes)
+        by_index = ranker.score_pairs(q_states, num_tokens, q_pooled, p_states, num_boxes,
+                                      p_pooled, q_index=q_index, p_index=p_index)
+        g = lambda x, i: tf.gather(x, i)  # noqa: E731
+        gathered = ranker.score_pairs(g(q_states, q_index), g(num_tokens, q_index),
+                                      g(q_pooled, q_index), g(p_states, p_index),
+                                      g(num_boxes, p_index), g(p_pooled, p_index))
+        grads = [[tf.convert_to_tensor(d) for d in tf.gradients(
+            tf.reduce_sum(out[outputs.SCORE] * tf.range(52.0)), ranker.trainable_variables)]
+            for out in (by_index, gathered)]
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            a, b, ga, gb = sess.run([by_index, gathered] + grads)
+    for key in (outputs.SCORE, outputs.CROSS_LOGIT, outputs.TOWER_SCORE, "text_gate"):
+        assert a[key].shape == (52,)
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5)
+    # Relative to the largest gradient: the key biases' are zero up to rounding.
+    scale = max(np.abs(y).max() for y in gb)
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6 * scale)

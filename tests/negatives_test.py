@@ -80,3 +80,22 @@ def test_build_pairs_layout():
     assert pairs["num_tokens"].numpy().tolist() == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert pairs["num_boxes"].numpy().tolist() == [4, 5, 6, 5, 6, 4, 6, 4, 5]
     np.testing.assert_array_equal(pairs["p_states"][4], p_states[2])
+
+
+def test_pair_indices_layout_matches_build_pairs():
+    idx = tf.constant([[1, 2], [2, 0], [0, 1]])
+    valid = tf.constant([[True, False], [True, True], [True, True]])
+    pairs = negatives.pair_indices(idx, valid)
+    # Each row's own product first, then its negatives; the query repeated 1 + K times.
+    assert pairs["query_index"].numpy().tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert pairs["product_index"].numpy().tolist() == [0, 1, 2, 1, 2, 0, 2, 0, 1]
+    assert pairs["labels"].numpy().tolist() == [1, 0, 0, 1, 0, 0, 1, 0, 0]
+    assert pairs["weights"].numpy().tolist() == [1, 1, 0, 1, 1, 1, 1, 1, 1]
+    q_states = tf.reshape(tf.range(3 * 4 * 5, dtype=tf.float32), [3, 4, 5])
+    p_states = -tf.reshape(tf.range(3 * 6 * 5, dtype=tf.float32), [3, 6, 5])
+    gathered = negatives.build_pairs(q_states, tf.constant([1, 2, 3]), tf.eye(3), p_states,
+                                     tf.constant([4, 5, 6]), 2 * tf.eye(3), idx, valid)
+    np.testing.assert_array_equal(gathered["q_states"].numpy(),
+                                  q_states.numpy()[pairs["query_index"].numpy()])
+    np.testing.assert_array_equal(gathered["p_states"].numpy(),
+                                  p_states.numpy()[pairs["product_index"].numpy()])

@@ -115,20 +115,31 @@ def test_one_cap_of_the_smaller_size_equals_prep_then_model_cap():
     np.testing.assert_array_equal(out.boxes[2].numpy(), rows[2]["boxes"][3:])
 
 
-def test_dense_variant_equals_b64():
-    rng = np.random.default_rng(9)
-    rows = [_row(rng, 6, overshoot=True), _row(rng, 2, 338, 209)]
-    n = 9  # more padding than needed: ignored past num_boxes
-    boxes = np.full([2, n, 4], 123.0, np.float32)     # junk in the padding must not matter
-    feats = np.full([2, n, schema.FEATURE_DIM], -5.0, np.float32)
-    labels = np.full([2, n], 99, np.int64)
+def _dense_arrays(rows, n, junk):
+    """rows as dense request arrays padded to n boxes, the padding filled with junk
+    (boxes, features, labels values)."""
+    boxes = np.full([len(rows), n, 4], junk[0], np.float32)
+    feats = np.full([len(rows), n, schema.FEATURE_DIM], junk[1], np.float32)
+    labels = np.full([len(rows), n], junk[2], np.int64)
     for i, r in enumerate(rows):
         k = len(r["boxes"])
         boxes[i, :k], feats[i, :k], labels[i, :k] = r["boxes"], r["features"], r["class_labels"]
-    dense = pg.process_dense_products(
-        tf.constant(boxes), tf.constant(feats), tf.constant(labels),
-        tf.constant([6, 2], tf.int64), tf.constant([800, 338], tf.int64),
-        tf.constant([600, 209], tf.int64), MAX_BOXES)
+    return boxes, feats, labels
+
+
+def _process_dense(rows, boxes, feats, labels, max_boxes=MAX_BOXES):
+    ints = {c: tf.constant([len(r["boxes"]) if c == "num_boxes" else r[c] for r in rows],
+                           tf.int64) for c in ("num_boxes", "image_h", "image_w")}
+    return pg.process_dense_products(tf.constant(boxes), tf.constant(feats), tf.constant(labels),
+                                     ints["num_boxes"], ints["image_h"], ints["image_w"],
+                                     max_boxes)
+
+
+def test_dense_variant_equals_b64():
+    rng = np.random.default_rng(9)
+    rows = [_row(rng, 6, overshoot=True), _row(rng, 2, 338, 209)]
+    # More padding than needed (9 boxes), with junk that must not matter.
+    dense = _process_dense(rows, *_dense_arrays(rows, 9, (123.0, -5.0, 99)))
     _assert_matches(dense, rows)
     b64 = _decode(_fields(rows))
     for a, b in zip(dense, b64):
@@ -248,16 +259,7 @@ def test_dense_without_cap_zeroes_junk_padding():
     rng = np.random.default_rng(12)
     rows = [_row(rng, 3, overshoot=True), _row(rng, 1, 338, 209), _row(rng, 2)]
     n = 5
-    boxes = np.full([3, n, 4], 55.0, np.float32)
-    feats = np.full([3, n, schema.FEATURE_DIM], 7.0, np.float32)
-    labels = np.full([3, n], 5, np.int64)
-    for i, r in enumerate(rows):
-        k = len(r["boxes"])
-        boxes[i, :k], feats[i, :k], labels[i, :k] = r["boxes"], r["features"], r["class_labels"]
-    out = pg.process_dense_products(
-        tf.constant(boxes), tf.constant(feats), tf.constant(labels),
-        tf.constant([3, 1, 2], tf.int64), tf.constant([800, 338, 800], tf.int64),
-        tf.constant([600, 209, 600], tf.int64), max_boxes=8)
+    out = _process_dense(rows, *_dense_arrays(rows, n, (55.0, 7.0, 5)), max_boxes=8)
     assert out.box_features.shape[1] == n
     _assert_matches(out, rows, max_boxes=8)
 
@@ -289,3 +291,75 @@ def test_several_problems_report_preps_first(changes, field):
             for _ in range(10):  # a race between the fields' checks would make this flaky
                 with pytest.raises(tf.errors.InvalidArgumentError, match=rf"\b{field}: "):
                     sess.run(out.box_features)
+
+
+@pytest.mark.parametrize("lengths, pieces", [([], 2), ([5], 2), ([4, 2, 6, 1], 2),
+                                             ([4, 2, 6, 1], 3), ([7, 7, 7, 7, 7], 4)])
+def test_split_by_bytes_keeps_order_and_balances_bytes(lengths, pieces):
+    rows = tf.constant([chr(97 + i) * n for i, n in enumerate(lengths)], tf.string)
+    parts = pg._split_by_bytes(tf.strings.length(rows), pieces, rows, rows)
+    assert len(parts) == 2 and all(len(p) == pieces for p in parts)
+    # Consecutive runs: concatenated they are the rows, in order.
+    np.testing.assert_array_equal(tf.concat(parts[0], 0).numpy(), rows.numpy())
+    # Run j ends after the rows whose cumulative bytes are <= j/pieces of the total, e.g.
+    # [4, 2, 6, 1] in 2: total 13, target 13 // 2 = 6, cumulative 4, 6, 12, 13 -> the
+    # first run is rows 0-1, the second rows 2-3.
+    total, ends = sum(lengths), np.cumsum(lengths)
+    sizes = [int(tf.size(p)) for p in parts[0]]
+    want = np.diff([0] + [int(np.searchsorted(ends, total * j // pieces, side="right"))
+                          for j in range(1, pieces)] + [len(lengths)])
+    np.testing.assert_array_equal(sizes, want)
+    if lengths == [4, 2, 6, 1] and pieces == 2:
+        assert sizes == [2, 2]
+
+
+@pytest.mark.parametrize("pieces", [1, 2, 3])
+def test_features_decoded_in_pieces_equal_prep_and_name_a_bad_row_in_any_piece(
+        monkeypatch, pieces):
+    # The features' string work runs in `pieces` runs of rows: every run decodes as prep
+    # does, and a bad row in the last run is still refused naming the field.
+    monkeypatch.setattr(pg, "_FEATURE_PIECES", pieces)
+    rng = np.random.default_rng(13)
+    rows = [_row(rng, n) for n in (1, 4, 2, 3, 1)]
+    _assert_matches(_decode(_fields(rows)), rows)
+    fields = _fields(rows)
+    values = list(fields["features"].numpy())
+    values[-1] = b"!!!!" + values[-1][4:]
+    fields["features"] = tf.constant(values)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="features: neither standard"):
+        _decode(fields)
+
+
+@pytest.mark.parametrize("values, message", [
+    ([-0.0], None), ([3e38], None), ([np.inf], "not finite"), ([-np.inf], "not finite"),
+    ([np.nan], "not finite"), ([-1e-45], "negative value"),
+    # Both problems in one box: finiteness is reported first, as prep does.
+    ([-1.0, np.nan], "not finite"), ([-1.0, np.inf], "not finite"),
+])
+def test_feature_values_as_prep_including_negative_zero(values, message):
+    # -0.0 has the sign bit set, like a negative value, and +inf's bits follow the largest
+    # finite value's: the graph's one-reduction test lets neither through unchecked.
+    rng = np.random.default_rng(14)
+    rows = [_row(rng, 2), _row(rng, 3)]
+    rows[1]["features"][1, 5:5 + len(values)] = values
+    line = tsv.encode_row(**rows[1])
+    if message is None:
+        _parse(line)                                       # prep accepts the row
+        _assert_matches(_decode(_fields(rows)), rows)
+        return
+    with pytest.raises(tsv.RowError):
+        _parse(line)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=f"features: {message}"):
+        _decode(_fields(rows))
+
+
+def test_dense_padding_junk_never_fails_the_feature_checks():
+    # NaN, -inf and negative values past num_boxes are ignored and come out as +0.0.
+    rng = np.random.default_rng(15)
+    rows = [_row(rng, 2), _row(rng, 1)]
+    boxes, feats, labels = _dense_arrays(rows, 3, (0.0, np.nan, 0))
+    feats[1, 1:, :7] = [-np.inf, -1.0, 0.0, -0.0, np.inf, 1.0, np.nan]
+    out = _process_dense(rows, boxes, feats, labels)
+    _assert_matches(out, rows)
+    assert not np.signbit(out.box_features.numpy()[0, 2:]).any()
+    assert not np.signbit(out.box_features.numpy()[1, 1:]).any()

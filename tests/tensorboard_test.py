@@ -1,23 +1,31 @@
-"""What `mmrecall train` leaves for TensorBoard, read back with its own EventAccumulator.
+"""What `mmrecall train` leaves for TensorBoard, read back with its own EventAccumulator
+and through TensorBoard's HTTP API.
 
 One tiny `mmrecall train` run (6 steps, one eval) is shared by the tests: hparams (session
-and metric config), text (config and prep), PR curve and histograms in the eval dir, and
-the progress / eval lines on stdout.
+and metric config), text (config and prep), PR curve and histograms in the eval dir,
+attention heat maps and top-5 lists in `pictures`, the Embedding Projector's files in
+`projector`, and the progress / eval lines on stdout. The HTTP test serves the run's model
+directory with TensorBoard's own WSGI app in-process (no port, no browser).
 """
 import contextlib
 import io
 import json
 import os
 import re
+import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
+import werkzeug.test
+from tensorboard import default, program
+from tensorboard.backend import application
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
 from data_prep.manifest import PrepDir
-from estimator import progress, run_summaries
+from estimator import pictures, progress, projector, run_summaries
 from estimator.config import Config
 from mmrecall_cli import train as train_cli
 from mmrecall_testing.model_fixtures import write_prep_dir
@@ -53,7 +61,8 @@ def run(tmp_path_factory):
         assert train_cli.main(argv) == 0
     return {"prep": prep, "model_dir": model_dir, "stdout": out.getvalue(),
             "root": _load(model_dir),
-            "eval": _load(os.path.join(model_dir, run_summaries.EVAL_DIR))}
+            "eval": _load(os.path.join(model_dir, run_summaries.EVAL_DIR)),
+            "pictures": _load(os.path.join(model_dir, pictures.SUBDIR))}
 
 
 def _tensor(acc, tag):
@@ -171,3 +180,86 @@ def test_scalar_metrics_drops_serialised_summaries():
     out = run_summaries.scalar_metrics({"ndcg@5": np.float32(0.5), "global_step": np.int64(3),
                                         "pr_curve/score": b"\x0a\x00"})
     assert out == {"ndcg@5": 0.5, "global_step": 3.0}
+
+
+def test_pictures_of_the_first_valid_queries(run):
+    tags = set(run["pictures"].PluginTagToContent("text"))
+    assert tags == {f"{kind}/query_{i}" for kind in ("top5", "attention")
+                    for i in range(pictures.QUERIES)}
+    images = set(run["pictures"].PluginTagToContent("images"))
+    assert images == {f"attention/query_{i}/image_summary" for i in range(pictures.QUERIES)}
+    for i in range(pictures.QUERIES):
+        width, height, *pngs = _tensor(run["pictures"],
+                                       f"attention/query_{i}/image_summary").tolist()
+        assert len(pngs) == pictures.HEATMAP_CANDIDATES
+        assert int(width) % pictures.CELL == 0 and int(height) % pictures.CELL == 0
+        # 7 candidates per query, 2 of them answers (see the fixture): 5 marked rows.
+        top5 = _tensor(run["pictures"], f"top5/query_{i}").item().decode()
+        assert top5.count("| **hit** |") + top5.count("| miss |") == 5, top5
+    assert [e.step for e in run["pictures"].Tensors("top5/query_0")] == [STEPS]
+
+
+def test_projector_holds_the_valid_queries_and_their_candidates(run):
+    path = os.path.join(run["model_dir"], projector.SUBDIR)
+    with open(os.path.join(path, projector.METADATA_FILE), encoding="utf-8") as f:
+        rows = [line.split("\t") for line in f.read().splitlines()[1:]]
+    # 5 valid queries of 7 candidates, 2 answers each, all within the point bound.
+    assert [r[0] for r in rows].count("query") == 5
+    assert [r[0] for r in rows].count("answer") == 10
+    assert [r[0] for r in rows].count("non-answer") == 25
+    tensors = tf.train.load_checkpoint(path).get_tensor(projector.TENSOR_NAME)
+    assert tensors.shape == (40, 16)                       # pooled_size=16 (--set)
+    np.testing.assert_allclose(np.linalg.norm(tensors, axis=1), 1.0, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def http(run):
+    """A werkzeug client of TensorBoard's WSGI app over the run's model directory."""
+    tb = program.TensorBoard(plugins=default.get_plugins())
+    tb.configure(logdir=run["model_dir"], load_fast="false", reload_interval=0,
+                 reload_task="blocking")
+    data_provider, multiplexer = tb._make_data_provider()  # pylint: disable=protected-access
+    app = application.TensorBoardWSGIApp(tb.flags, tb.plugin_loaders, data_provider,
+                                         tb.assets_zip_provider, multiplexer)
+    return werkzeug.test.Client(app)
+
+
+def _json(client, route, **kwargs):
+    response = client.get(route, **kwargs)
+    assert response.status_code == 200, (route, response.status_code)
+    return json.loads(response.get_data())
+
+
+def test_http_api_lists_every_dashboard_with_this_runs_data(http):
+    wanted = {"hparams", "projector", "images", "text", "pr_curves", "scalars",
+              "histograms"}
+    # The projector decides whether it is active in a background thread the first listing
+    # starts; later listings report its answer.
+    for _ in range(100):
+        listing = _json(http, "/data/plugins_listing")
+        if all(listing[name]["enabled"] for name in wanted):
+            break
+        time.sleep(0.1)
+    assert {name for name in wanted if listing[name]["enabled"]} == wanted
+    images = _json(http, "/data/plugin/images/tags")
+    assert "attention/query_0/image_summary" in images[pictures.SUBDIR]
+    text = _json(http, "/data/plugin/text/tags")
+    assert {"run/config", "run/prep"} <= set(text["."])
+    assert "top5/query_0" in text[pictures.SUBDIR]
+    curves = _json(http, "/data/plugin/pr_curves/tags")
+    assert "pr_curve/score/0" in curves[run_summaries.EVAL_DIR]
+    assert projector.SUBDIR in _json(http, "/data/plugin/projector/runs")
+    info = _json(http, "/data/plugin/projector/info", query_string={"run": projector.SUBDIR})
+    assert [e["tensorName"] for e in info["embeddings"]] == [projector.TENSOR_NAME]
+    tensor = http.get("/data/plugin/projector/tensor",
+                      query_string={"run": projector.SUBDIR, "name": projector.TENSOR_NAME})
+    assert tensor.status_code == 200 and len(tensor.get_data()) == 40 * 16 * 4  # float32
+    metadata = http.get("/data/plugin/projector/metadata",
+                        query_string={"run": projector.SUBDIR, "name": projector.TENSOR_NAME})
+    lines = metadata.get_data(as_text=True).splitlines()
+    assert lines[0].split("\t") == list(projector.COLUMNS) and len(lines) == 1 + 40
+    experiment = _json(http, "/data/plugin/hparams/experiment",
+                       query_string={"request": json.dumps({"experimentName": ""})})
+    assert "hidden_size" in {h["name"] for h in experiment["hparamInfos"]}
+    assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(
+        run_summaries.EVAL_METRICS)

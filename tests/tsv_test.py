@@ -62,6 +62,44 @@ def test_base64_not_in_whole_groups_of_four_is_rejected(column):
     assert "not a multiple of 4" in info.value.detail
 
 
+# (field value, binascii's strict reason, which the reject detail must carry)
+BAD_BASE64 = [
+    ("AA==AAAA", "Excess data after padding"),
+    ("AA=A", "Discontinuous padding not allowed"),
+    ("-_-_", "Only base64 data is allowed"),
+    ("A===", "number of data characters (1) cannot be 1 more than a multiple of 4"),
+]
+
+
+@pytest.mark.parametrize("value, why", BAD_BASE64)
+def test_base64_reject_detail_names_the_problem(value, why):
+    # The fast decoder only says "Non-base64 digit found"; the detail gives binascii's reason.
+    base = fx.line(fx.random_row(np.random.default_rng(8), 1, 1, num_boxes=1))
+    with pytest.raises(tsv.RowError) as info:
+        tsv.parse_row(fx.with_field(base, "class_labels", value).encode())
+    assert (info.value.field, info.value.reason) == ("class_labels", "base64")
+    assert why in info.value.detail
+
+
+def test_decoder_accepts_exactly_what_strict_binascii_accepts():
+    # Whole 4-character groups (shorter ones never reach the decoder) over an alphabet with
+    # every kind of character: valid, padding, web-safe, space, control, non-ASCII.
+    rng = np.random.default_rng(9)
+    alphabet = np.frombuffer(b"AQgw09+/=-_ \n\x00\xff.", np.uint8)
+    fields = [memoryview(b"")] * len(schema.TSV_COLUMNS)
+    for _ in range(20000):
+        field = rng.choice(alphabet, 4 * int(rng.integers(1, 4))).tobytes()
+        fields[schema.TSV_COLUMNS.index("boxes")] = memoryview(field)
+        try:
+            want = binascii.a2b_base64(field, strict_mode=True)
+        except binascii.Error:
+            with pytest.raises(tsv.RowError):
+                tsv._array_field(fields, "boxes", np.dtype(np.uint8), 0, 1, 1)
+            continue
+        got = tsv._array_field(fields, "boxes", np.dtype(np.uint8), len(want), 1, len(want))
+        assert got.tobytes() == want
+
+
 @pytest.mark.parametrize("value, reason", [
     (-0.0, None), (3e38, None), (np.inf, "non_finite"), (-np.inf, "non_finite"),
     (np.nan, "non_finite"), (-np.nan, "non_finite"), (-1e-45, "negative_feature"),

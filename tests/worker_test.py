@@ -209,3 +209,20 @@ def test_disk_full_names_the_shard_and_leaves_no_temporary(tmp_path, monkeypatch
     shard = str(tmp_path / "out" / "train" / "part-00000.tfrecord")
     assert (e.value.errno, e.value.filename) == (errno.ENOSPC, shard)
     assert os.listdir(tmp_path / "out" / "train") == []
+
+
+def test_clear_caches_leaves_a_fresh_process_state_and_the_same_shard(tmp_path):
+    rng = np.random.default_rng(21)
+    lines = [fx.line(fx.random_row(rng, 1000 + i, 7, query=f"red silk dress {i % 2}",
+                                   num_boxes=2)) for i in range(4)]
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+    first, config = _run_chunk(tmp_path / "a", "train", lines)
+    assert worker.normalize.cache_info().currsize > 0
+    worker.clear_caches()
+    assert worker.normalize.cache_info().currsize == 0
+    assert worker._lemma.cache_info().currsize == 0
+    again, again_config = _run_chunk(tmp_path / "b", "train", lines)
+    with open(os.path.join(config.out_dir, first["file"]), "rb") as a, \
+            open(os.path.join(again_config.out_dir, again["file"]), "rb") as b:
+        assert a.read() == b.read()

@@ -11,16 +11,7 @@ import numpy as np
 
 from data_prep import schema
 
-CLASS_NAMES = (
-    "top clothes", "skirt & dress", "bottom clothes", "luggage, leather goods", "shoes",
-    "accessories", "snacks, nuts, liquor and tea", "makeup, perfume, beauty tools",
-    "bottle drink", "furniture", "stationery", "household electrical appliances",
-    "home decoration", "household fabric", "kitchenware", "cleaning tools",
-    "storage supplies", "vehicles, riding equipment", "outdoor product", "lighting", "toys",
-    "underwear", "digital supplies", "bed linens", "baby products", "personal care",
-    "sporting goods", "clothes (accessories, baby clothing)", "others", "human face", "arm",
-    "hair", "hand",
-)
+CLASS_NAMES = schema.CLASS_NAMES
 OTHERS, FACE, ARM, HAIR, HAND = 28, 29, 30, 31, 32
 PERSON_CLASSES = (FACE, ARM, HAIR, HAND)
 
