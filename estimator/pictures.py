@@ -206,15 +206,10 @@ class PicturesExporter(tf.estimator.Exporter):
                 Config.load(model_dir), self._prep,
                 {SUBDIR: (self._queries, None), projector.SUBDIR: (None, self._points)})
         step = int(eval_result.get("global_step", 0))
-        try:
-            return self._export(model_dir, checkpoint_path, step, is_the_final_export)
-        except (ValueError, tf.errors.NotFoundError):
-            if not probe_lib.checkpoint_removed(checkpoint_path):
-                raise
-            tf.compat.v1.logging.warning(
-                "PicturesExporter: %s was removed by the chief before its pictures were "
-                "drawn; skipped", checkpoint_path)
-            return None
+        probe_lib.unless_removed(
+            lambda: self._export(model_dir, checkpoint_path, step, is_the_final_export),
+            checkpoint_path, "PicturesExporter")
+        return None
 
     def _export(self, model_dir, checkpoint_path, step, is_the_final_export):
         if is_the_final_export:

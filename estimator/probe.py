@@ -38,6 +38,21 @@ def checkpoint_removed(checkpoint: str) -> bool:
     return not tf.io.gfile.exists(checkpoint + ".index")
 
 
+def unless_removed(run: Callable[[], object], checkpoint: str, what: str):
+    """run()'s result; None, with a warning naming `what` and the checkpoint, when run()
+    fails because the chief removed the checkpoint meanwhile (checkpoint_removed), so an
+    evaluator's exporter does not kill the evaluator. Any other failure is raised."""
+    try:
+        return run()
+    except (ValueError, tf.errors.NotFoundError):
+        if not checkpoint_removed(checkpoint):
+            raise
+        tf.compat.v1.logging.warning(
+            "%s: %s was removed by the chief before it could be used; skipped (raise "
+            "keep_checkpoint_max or evaluate more often to keep it)", what, checkpoint)
+        return None
+
+
 class CheckpointRunner:
     """The Ranker in a graph and session of its own, built once, then restored from any
     checkpoint of the same Config and run (inference mode) over one of its datasets.

@@ -89,19 +89,13 @@ class BestNdcgExporter(tf.estimator.Exporter):
                 best = json.load(f).get("value")
         if best is not None and value <= best:
             return None
-        try:
-            path = saved_model.export_saved_model(estimator.model_dir, self._prep, export_path,
-                                                  checkpoint=checkpoint_path,
-                                                  model_name=self._model_name,
-                                                  list_stage=self._list_stage)
-        except (ValueError, tf.errors.NotFoundError):
-            if not probe.checkpoint_removed(checkpoint_path):
-                raise
-            # The evaluator lives on; the next best checkpoint is exported as usual.
-            tf.compat.v1.logging.warning(
-                "BestNdcgExporter: %s (%s %.4f) was removed by the chief before it could be "
-                "exported; raise keep_checkpoint_max or eval more often to keep such bests",
-                checkpoint_path, self._metric_key, value)
+        # A removed checkpoint is skipped; the next best one is exported as usual.
+        path = probe.unless_removed(
+            lambda: saved_model.export_saved_model(
+                estimator.model_dir, self._prep, export_path, checkpoint=checkpoint_path,
+                model_name=self._model_name, list_stage=self._list_stage),
+            checkpoint_path, f"BestNdcgExporter ({self._metric_key} {value:.4f})")
+        if path is None:
             return None
         with tf.io.gfile.GFile(best_file + ".tmp", "w") as f:
             json.dump({"value": value, "metric": self._metric_key,
