@@ -16,6 +16,8 @@
 #   GEN_ARGS      extra `mmrecall generate` flags                  (default: none)
 #   TRAIN_ARGS    extra `mmrecall train` flags, e.g. "--set batch_size=32"
 #   LIST_STAGE    `mmrecall export --list-stage`: fit, off or a params file (default: fit)
+#   CHECKPOINT    `mmrecall export --checkpoint`: latest, best (the best valid NDCG@5
+#                 evaluated during training) or a checkpoint prefix  (default: latest)
 #
 # It prints NDCG@5 of the first stage (the pointwise model) and of the served, list-aware
 # ranking: on valid (the list stage is fitted on valid, so that figure is in-sample) and,
@@ -36,6 +38,8 @@ SEED=${SEED:-1}
 GEN_ARGS=${GEN_ARGS:-}
 TRAIN_ARGS=${TRAIN_ARGS:-}
 LIST_STAGE=${LIST_STAGE:-fit}
+CHECKPOINT=${CHECKPOINT:-latest}
+[[ $CHECKPOINT == latest ]] && CHECKPOINT=""
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 
 mkdir -p "$RUN_DIR"
@@ -70,10 +74,10 @@ step "train_and_evaluate: $TRAIN_STEPS steps into $MODEL_DIR"
 mmrecall train --data "$PREP_DIR" --model-dir "$MODEL_DIR" --steps "$TRAIN_STEPS" \
   --set seed="$SEED" $TRAIN_ARGS
 
-step "export: SavedModel for TF Serving, list stage: $LIST_STAGE"
+step "export: SavedModel for TF Serving (checkpoint: ${CHECKPOINT:-latest}), list stage: $LIST_STAGE"
 EXPORT_DIR="$RUN_DIR/export"
 mmrecall export --model-dir "$MODEL_DIR" --data "$PREP_DIR" --export-dir "$EXPORT_DIR" \
-  --list-stage "$LIST_STAGE"
+  --checkpoint "$CHECKPOINT" --list-stage "$LIST_STAGE"
 SAVED_MODEL=$(ls -d "$EXPORT_DIR"/*/ | sort | tail -n 1)
 
 # rank_and_score NAME TSV ANSWERS [rank flags]: RUN_DIR/NAME_submission.csv and, with

@@ -11,6 +11,11 @@ PACKAGES = ("data_prep", "estimator", "export", "retrieval", "mmrecall_cli", "mm
 # and numpy 2, which breaks the pinned stack. faiss-cpu (1.15 installs beside numpy 1.26)
 # is the other kind `mmrecall index --ann faiss-ivf` builds, and the bench's comparison.
 RETRIEVAL = ["scann==1.3.0", "faiss-cpu>=1.15,<1.16"]
+# `mmrecall index --runner beam` (retrieval/beam_embed.py): RunInference over the export.
+# 2.68.0 is the newest release whose install leaves tensorflow 2.15.1, numpy 1.26 and
+# protobuf 4.25 alone (2.69+ pull protobuf 6, which TensorFlow 2.15 refuses); it caps grpcio
+# below 1.66, which TensorFlow and tensorflow-serving-api accept.
+BEAM = ["apache-beam==2.68.0"]
 
 setup(
     name="mmrecall",
@@ -40,8 +45,10 @@ setup(
             # Property-based fuzzing: random corruptions of TSV rows (tests/tsv_fuzz_test.py)
             # shrink to the smallest failing row, which hand-written cases cannot.
             "hypothesis>=6.100,<7",
-        ] + RETRIEVAL,                      # tests/retrieval_*_test.py build both ANN kinds
+        ] + RETRIEVAL + BEAM,               # tests/retrieval_*_test.py build both ANN kinds
+                                            # and run the Beam pipeline (a few seconds)
         "retrieval": RETRIEVAL,
+        "beam": BEAM,
         "serving": ["tensorflow-serving-api==2.15.1"],
     },
     entry_points={"console_scripts": ["mmrecall=mmrecall_cli:main"]},

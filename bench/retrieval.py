@@ -24,11 +24,40 @@ Figures (2 shared cores, everything in one process):
 Prints a table and writes JSON (default bench/results/retrieval.json):
 
     python bench/retrieval.py [--products 1000000] [--queries 1000] [--out FILE]
+
+End to end (--end-to-end RUN_DIR, a finished ./run_train.sh run directory; JSON default
+bench/results/retrieval_end_to_end.json): the run's valid and test products as one
+catalogue indexed by `mmrecall index` with the run's export, the test queries searched by
+`mmrecall search --queries` and scored by `mmrecall score` (each a subprocess, as a user
+runs them), three ways: reranked by the served ranking (`--rerank 100`), by the pair score
+alone (`--first-stage`), and the towers alone (`--rerank 0`); recall@100, each query's
+answers found among the 100 the index retrieves (retrieval.search.Searcher.retrieve, what
+the search reranks), averaged over queries. Beside them, the baseline of the same run: the
+candidate-list NDCG@5 of the same model (RUN_DIR/test_score.txt and
+test_first_stage_score.txt), which ranks only each query's ~30 given candidates.
+
+    python bench/retrieval.py --end-to-end RUN_DIR [--out FILE]
+
+Memory of `mmrecall index` (--memory RUN_DIR; JSON default bench/results/
+retrieval_memory.json): catalogues of --memory-sizes product rows made by cycling the run's
+TSV rows with fresh product ids (every row a distinct product), each indexed with the run's
+export in a fresh process that reports its peak resident memory (ru_maxrss): exact search
+at every size (the streaming part and the final concatenation), ScaNN at the largest (the
+ANN build's share), the Beam path at the smallest when apache-beam is installed and it is
+at most BEAM_MAX_PRODUCTS (the DirectRunner holds the shuffled rows in memory). The
+baseline, measured in the same run, is a process that only loads the export; growth per
+product is the slope between the sizes. Also the seen-id set's own bytes per product
+(tracemalloc over a set of that many ids).
+
+    python bench/retrieval.py --memory RUN_DIR [--memory-sizes 20000,100000]
+                              [--memory-chunk-rows 65536] [--out FILE]
 """
 import argparse
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,12 +69,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import tensorflow as tf  # noqa: E402
 
-from data_prep.manifest import PrepDir  # noqa: E402
-from export import list_fit, saved_model  # noqa: E402
 from mmrecall_testing import export_fixtures as fx  # noqa: E402
 from retrieval import ann  # noqa: E402
 from retrieval import index as index_lib  # noqa: E402
 from retrieval import model as model_lib  # noqa: E402
+from retrieval import search as search_lib  # noqa: E402
 from retrieval import store  # noqa: E402
 from mmrecall_testing.bench_report import write_report  # noqa: E402
 
@@ -72,11 +100,7 @@ def tower_embeddings(root: str):
     a tiny export's towers on a generated set."""
     gen = fx.generate(os.path.join(root, "gen"), train_rows=600, valid_queries=20,
                       test_queries=10, candidates=15)
-    prep_dir = PrepDir(fx.prep(gen, os.path.join(root, "prep")))
-    fx.random_checkpoint(os.path.join(root, "model"), prep_dir, pooled_size=WIDTH)
-    export = saved_model.export_saved_model(os.path.join(root, "model"), prep_dir,
-                                            os.path.join(root, "export"),
-                                            list_stage=list_fit.OFF)
+    _, _, export = fx.tiny_export(root, gen_dir=gen, pooled_size=WIDTH)
     products = [os.path.join(gen, f) for f in ("train.tsv", "valid.tsv", "testB.tsv")]
     model = model_lib.ExportModel(export)
     start = time.time()
@@ -185,12 +209,228 @@ def bench_in_graph(db: np.ndarray, queries: np.ndarray, sizes) -> dict:
     return out
 
 
+def _child(args) -> subprocess.CompletedProcess:
+    """Runs Python with args in a subprocess that imports this checkout."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(HERE)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+
+
+def _mmrecall(*args: str) -> str:
+    """Runs `mmrecall ARGS` as a user would (a subprocess); returns its stdout."""
+    done = _child(["-m", "mmrecall_cli", *args])
+    if done.returncode:
+        raise RuntimeError(f"mmrecall {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def _read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def answer_recall(answers: dict, queries, retrieved: np.ndarray) -> float:
+    """Mean over queries of the share of a query's answers among its retrieved ids.
+
+    Args:
+      answers: {query id (str): [answer product ids]}.
+      queries: [(query id, text)] in the order of retrieved's rows.
+      retrieved: int64 [Q, R] product ids.
+    """
+    shares = [len(set(map(int, answers[qid])) & set(row.tolist())) / len(answers[qid])
+              for (qid, _), row in zip(queries, retrieved)]
+    return float(np.mean(shares))
+
+
+def end_to_end(run_dir: str, tmp: str, rerank: int = 100) -> dict:
+    """Catalogue search on a finished run_train.sh run (module docstring)."""
+    data = os.path.join(run_dir, "data")
+    export = os.path.join(run_dir, "export")
+    catalogue_files = [os.path.join(data, "valid.tsv"), os.path.join(data, "testB.tsv")]
+    test, answers_path = os.path.join(data, "testB.tsv"), os.path.join(data, "testB_answer.json")
+    index_dir = os.path.join(tmp, "index")
+    start = time.time()
+    _mmrecall("index", "--model", export, "--products", *catalogue_files, "--out", index_dir,
+              "--no-progress")
+    index_s = time.time() - start
+    meta = _read_json(os.path.join(index_dir, store.INDEX_FILE))
+    print(f"index: {meta['count']} products ({meta['rejected']} rejected, {meta['duplicates']} "
+          f"duplicate rows), ANN {meta['ann']['kind']}, {index_s:.1f} s", flush=True)
+    ways = {"reranked_served": ["--rerank", str(rerank)],
+            "reranked_first_stage": ["--rerank", str(rerank), "--first-stage"],
+            "towers_alone": ["--rerank", "0"]}
+    ndcg, search_s = {}, {}
+    for way, flags in ways.items():
+        out = os.path.join(tmp, way + ".csv")
+        start = time.time()
+        _mmrecall("search", "--index", index_dir, "--model", export, "--queries", test,
+                  "--out", out, *flags)
+        search_s[way] = time.time() - start
+        ndcg[way] = json.loads(_mmrecall("score", "--answers", answers_path,
+                                         "--submission", out))["ndcg@5"]
+        print(f"catalogue search, {way:22s} NDCG@5 {ndcg[way]:.4f} ({search_s[way]:.1f} s)",
+              flush=True)
+    queries = search_lib.read_queries(test)
+    searcher = search_lib.Searcher(index_dir, export)
+    try:
+        retrieved, _ = searcher.retrieve([t for _, t in queries], rerank)
+    finally:
+        searcher.close()
+    answers = _read_json(answers_path)
+    recall_at = answer_recall(answers, queries, retrieved)
+    candidate_lists = {
+        "served": _read_json(os.path.join(run_dir, "test_score.txt"))["ndcg@5"],
+        "first_stage": _read_json(os.path.join(run_dir, "test_first_stage_score.txt"))["ndcg@5"]}
+    print(f"recall@{rerank} of the answers {recall_at:.4f}; candidate lists (same model): "
+          f"served NDCG@5 {candidate_lists['served']:.4f}, first stage "
+          f"{candidate_lists['first_stage']:.4f}", flush=True)
+    return {"run_dir": os.path.abspath(run_dir), "catalogue_products": meta["count"],
+            "catalogue_files": catalogue_files, "ann": meta["ann"]["kind"],
+            "test_queries": len(queries), "index_s": index_s, "search_s": search_s,
+            f"recall@{rerank}": recall_at, "ndcg@5_catalogue": ndcg,
+            "ndcg@5_candidate_lists": candidate_lists,
+            "ratio_served_catalogue_to_candidate_lists":
+                ndcg["reranked_served"] / candidate_lists["served"]}
+
+
+_PEAK_RSS = ("import resource, sys\n"
+             "from retrieval import index, model\n"
+             "if sys.argv[1] == 'load':\n"
+             "    model.ExportModel(sys.argv[2]).close(); status = 0\n"
+             "else:\n"
+             "    status = index.main(sys.argv[1:])\n"
+             "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+             "sys.exit(status)\n")
+
+
+def _peak_rss_mb(*args: str) -> float:
+    """Peak resident memory (MB) of a fresh process running `mmrecall index ARGS` (or, with
+    ARGS = ("load", EXPORT), only loading the export)."""
+    done = _child(["-c", _PEAK_RSS, *args])
+    if done.returncode:
+        raise RuntimeError(f"index {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return int(done.stdout.split("PEAK_RSS_KB")[-1].split()[0]) / 1024
+
+
+def cycled_catalogue(sources, rows: int, path: str) -> None:
+    """Writes `rows` product rows (header first) cycling the sources' data rows, product id
+    900000000 + row number: every row a distinct product."""
+    with open(path, "wb") as out:
+        with open(sources[0], "rb") as f:
+            out.write(f.readline())
+        written = 0
+        while written < rows:
+            for source in sources:
+                with open(source, "rb") as f:
+                    f.readline()
+                    for line in f:
+                        if written == rows:
+                            return
+                        out.write(b"%d\t" % (900000000 + written) + line.split(b"\t", 1)[1])
+                        written += 1
+
+
+def seen_set_bytes_per_id(n: int) -> float:
+    """Bytes per product of a Python set of n int64 product ids (what iter_rows keeps)."""
+    import tracemalloc  # noqa: E402  # stdlib, only this figure needs it
+
+    tracemalloc.start()
+    ids = set(np.arange(900000000, 900000000 + n, dtype=np.int64).tolist())
+    size = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    del ids
+    return size / n
+
+
+BEAM_MAX_PRODUCTS = 50000   # the DirectRunner holds the shuffled rows (~40 KB each) in memory
+
+
+def index_memory(run_dir: str, tmp: str, sizes, chunk_rows: int = 65536) -> dict:
+    """Peak RSS of `mmrecall index` at several catalogue sizes (module docstring)."""
+    data = os.path.join(run_dir, "data")
+    export = os.path.join(run_dir, "export")
+    sources = [os.path.join(data, f) for f in ("train.tsv", "valid.tsv", "testB.tsv")]
+    sizes = sorted(sizes)
+    result = {"load_only_mb": _peak_rss_mb("load", export), "chunk_rows": chunk_rows,
+              "runs": []}
+    print(f"load the export only: peak RSS {result['load_only_mb']:.0f} MB", flush=True)
+    for size in sizes:
+        path = os.path.join(tmp, f"catalogue_{size}.tsv")
+        cycled_catalogue(sources, size, path)
+        cases = [("local", "exact")] + ([("local", "scann")] if size == sizes[-1] else [])
+        try:
+            import apache_beam  # noqa: F401,E402  # optional: the Beam case runs if installed
+            cases += [("beam", "exact")] if size == sizes[0] <= BEAM_MAX_PRODUCTS else []
+        except ImportError:
+            pass
+        for runner, kind in cases:
+            out = os.path.join(tmp, f"index_{size}_{runner}_{kind}")
+            start = time.time()
+            peak = _peak_rss_mb("--model", export, "--products", path, "--out", out,
+                                "--ann", kind, "--no-progress", "--runner", runner,
+                                "--chunk-rows", str(chunk_rows))
+            row = {"products": size, "runner": runner, "ann": kind, "peak_rss_mb": peak,
+                   "added_to_load_mb": peak - result["load_only_mb"],
+                   "seconds": time.time() - start,
+                   "catalogue_mb": os.path.getsize(path) / 2 ** 20}
+            result["runs"].append(row)
+            print(f"index {size:>7d} products, {runner:5s} {kind:5s}: peak RSS {peak:.0f} MB "
+                  f"(+{row['added_to_load_mb']:.0f} over loading), {row['seconds']:.0f} s",
+                  flush=True)
+            shutil.rmtree(out)
+        os.remove(path)
+    exact = [r for r in result["runs"] if r["runner"] == "local" and r["ann"] == "exact"]
+    if len(exact) > 1:
+        result["exact_growth_bytes_per_product"] = (
+            (exact[-1]["peak_rss_mb"] - exact[0]["peak_rss_mb"]) * 2 ** 20
+            / (exact[-1]["products"] - exact[0]["products"]))
+    result["seen_set_bytes_per_product"] = seen_set_bytes_per_id(sizes[-1])
+    print(f"growth {result.get('exact_growth_bytes_per_product', float('nan')):.0f} bytes per "
+          f"product (exact); the seen-id set alone "
+          f"{result['seen_set_bytes_per_product']:.0f} bytes per product", flush=True)
+    return result
+
+
+def _report(mode: str, fields: dict, started: float) -> dict:
+    return {"bench": mode, **fields, "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+            "python": platform.python_version(), "tensorflow": tf.__version__,
+            "total_s": time.time() - started}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--products", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "retrieval.json"))
+    parser.add_argument("--end-to-end", metavar="RUN_DIR", default=None,
+                        help="catalogue search on a finished ./run_train.sh run directory")
+    parser.add_argument("--out", default=None,
+                        help="JSON report (default bench/results/retrieval.json, or "
+                             "retrieval_end_to_end.json with --end-to-end, "
+                             "retrieval_memory.json with --memory)")
+    parser.add_argument("--memory", metavar="RUN_DIR", default=None,
+                        help="peak memory of `mmrecall index` on catalogues cycled from a "
+                             "finished ./run_train.sh run's rows")
+    parser.add_argument("--memory-sizes", default="20000,100000",
+                        help="catalogue sizes (products) for --memory, comma-separated")
+    parser.add_argument("--memory-chunk-rows", type=int, default=65536,
+                        help="`mmrecall index --chunk-rows` for --memory (its default 65536; "
+                             "a chunk's buffer is the bounded part that grows until full)")
     args = parser.parse_args(argv)
+    if args.end_to_end or args.memory:
+        started = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.end_to_end:
+                mode, fields = "retrieval_end_to_end", end_to_end(args.end_to_end, tmp)
+            else:
+                mode, fields = "retrieval_memory", index_memory(
+                    args.memory, tmp, [int(n) for n in args.memory_sizes.split(",")],
+                    args.memory_chunk_rows)
+            report = _report(mode, fields, started)
+        out = args.out or os.path.join(HERE, "results", mode + ".json")
+        write_report(out, report)
+        print(f"-> {out} ({report['total_s']:.0f} s)")
+        return 0
+    args.out = args.out or os.path.join(HERE, "results", "retrieval.json")
     if args.queries < 64 * BATCHES or args.queries < SINGLE_QUERIES:
         parser.error(f"--queries must be >= {max(64 * BATCHES, SINGLE_QUERIES)}")
     started = time.time()

@@ -73,7 +73,7 @@ from data_prep.manifest import PrepDir  # noqa: E402
 from estimator import outputs  # noqa: E402
 from estimator import train as train_lib  # noqa: E402
 from estimator.config import Config  # noqa: E402
-from export import rank, saved_model  # noqa: E402
+from export import list_fit, rank, saved_model  # noqa: E402
 from export import signatures as sig_lib  # noqa: E402
 from mmrecall_testing import export_fixtures  # noqa: E402
 from mmrecall_testing.bench_report import write_report  # noqa: E402
@@ -91,7 +91,8 @@ def _percentiles(seconds):
 
 
 def _tiny_world(root):
-    """Generated data -> prep -> random checkpoint -> export.
+    """Generated data -> prep -> random checkpoint -> export (no list stage: `rank` serves
+    the trained first stage, what the Estimator's SCORE is).
 
     Returns:
       (model_dir, PrepDir, export base dir, valid TSV path).
@@ -107,7 +108,10 @@ def _tiny_world(root):
     cfg = train_lib.resolve_config(Config(), prep)   # the default model size
     model_dir = os.path.join(root, "model")
     export_fixtures.write_random_checkpoint(cfg, model_dir, len(prep.vocab_tokens()))
-    export = saved_model.export_saved_model(model_dir, prep, os.path.join(root, "export"))
+    # No list stage: fitted on random weights it could serve any first stage (e.g. the
+    # matcher's logit), so `rank` would score what the Estimator's SCORE does not.
+    export = saved_model.export_saved_model(model_dir, prep, os.path.join(root, "export"),
+                                            list_stage=list_fit.OFF)
     return model_dir, prep, export, f"{gen}/valid.tsv"
 
 

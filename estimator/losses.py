@@ -22,7 +22,9 @@ LossInputs = collections.namedtuple("LossInputs", [
     "pair_groups",    # int32 [P] the list a pair is ranked in: its positive's row (training)
                       # or its query (eval); None where no loss needs it
     "focal_gamma",    # python float, the focal loss's focusing exponent
-], defaults=(None, 2.0))
+    "instance_classes",  # python int C, hashed product classes of the "instance" loss
+    "instance_sampled",  # python int, classes sampled per step by the "instance" loss
+], defaults=(None, 2.0, 65536, 2048))
 
 
 def log_loss(x: LossInputs):
@@ -92,11 +94,71 @@ def cross_softmax(x: LossInputs):
     return tf.reduce_sum(ce * w) / tf.maximum(tf.reduce_sum(w), 1.0)
 
 
+def instance(x: LossInputs):
+    """Dual-path instance loss (Zheng et al., "Dual-Path Convolutional Image-Text Embeddings
+    with Instance Loss", 2017): every training product is its own class, and BOTH its
+    product embedding and its query's embedding are classified into that class by one
+    shared classifier, so the two towers meet at per-product prototypes, with negatives
+    beyond the batch (the in-batch softmax sees only the batch's products).
+
+    Classes are product_id mod C (C = x.instance_classes: hashing bounds the classifier
+    at [C, E] whatever the catalogue's size). The classifier is cosine-based like the
+    towers' score, logits = embedding . normalised prototype / temperature, and the softmax
+    is sampled: each row is scored against the B prototypes of the batch's products plus
+    x.instance_sampled uniformly drawn ones (with a uniform proposal the sampled softmax's
+    log-Q correction is one constant and cancels); a candidate holding the row's own class
+    other than its target column is masked (duplicates, accidental hits). Only the gathered
+    prototypes get gradients: a step costs O(B * (B + sampled) * E), not O(B * C * E).
+
+    Creates the variable "instance_loss/prototypes" [C, E] (trained and checkpointed, not
+    exported). Mean over positive rows of the two paths' cross-entropies, averaged.
+    """
+    e = x.q_pooled.shape[-1]
+    with tf.compat.v1.variable_scope("instance_loss", reuse=tf.compat.v1.AUTO_REUSE):
+        prototypes = tf.compat.v1.get_variable(
+            "prototypes", [x.instance_classes, e], tf.float32,
+            initializer=tf.compat.v1.random_normal_initializer(stddev=1.0 / e ** 0.5))
+    classes = tf.math.floormod(x.product_id, x.instance_classes)                   # [B]
+    sampled = tf.random.uniform([x.instance_sampled], 0, x.instance_classes, tf.int64)
+    w = x.row_labels
+    paths = [prototype_cross_entropy(emb, classes, prototypes, sampled, x.temperature)
+             for emb in (x.q_pooled, x.p_pooled)]                                 # 2 x [B]
+    return 0.5 * tf.add_n([tf.reduce_sum(ce * w) for ce in paths]) / tf.maximum(
+        tf.reduce_sum(w), 1.0)
+
+
+def prototype_cross_entropy(embeddings, classes, prototypes, sampled, temperature):
+    """Per-row cross-entropy of classifying `embeddings` into `classes` against the batch's
+    classes plus `sampled` ones (the instance loss's sampled softmax).
+
+    Args:
+      embeddings: float32 [B, E], L2-normalised.
+      classes: int64 [B] in [0, C), each row's target class.
+      prototypes: float32 [C, E] class vectors (normalised here, after the gather).
+      sampled: int64 [S] extra candidate classes.
+      temperature: python float; logits are cosines / temperature.
+    Returns:
+      float32 [B]: -log softmax of row b's own column among the B + S candidates, where
+      every other candidate holding class b's value (a duplicate product of the batch, a
+      sampled accidental hit) is left out.
+    """
+    candidates = tf.concat([classes, sampled], 0)                                  # [B+S]
+    columns = tf.math.l2_normalize(tf.gather(prototypes, candidates), axis=-1)    # [B+S, E]
+    b = tf.shape(classes)[0]
+    own = tf.one_hot(tf.range(b), tf.shape(candidates)[0], on_value=True, off_value=False)
+    clash = tf.logical_and(tf.equal(classes[:, tf.newaxis], candidates[tf.newaxis, :]),
+                           tf.logical_not(own))                                     # [B, B+S]
+    logits = tf.matmul(embeddings, columns, transpose_b=True) / temperature       # [B, B+S]
+    logits = tf.where(clash, tf.fill(tf.shape(logits), -1e9), logits)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tf.range(b), logits=logits)
+
+
 LOSSES: Dict[str, Callable[[LossInputs], tf.Tensor]] = {
     "log_loss": log_loss,
     "softmax": in_batch_softmax,
     "cross_softmax": cross_softmax,
     "focal": focal,
+    "instance": instance,
 }
 # The losses that read LossInputs.pair_logits (the matcher's): without one of them and with
 # the tower score served, the model needs no matcher (Config.uses_matcher).

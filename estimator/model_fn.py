@@ -135,7 +135,8 @@ def model_fn_builder(cfg, vocab_size, embeddings=None):
             pair_weights=pairs.get("weights"), q_pooled=q_pooled, p_pooled=p_pooled,
             row_labels=row_labels, query_key=query_key, product_id=product_id,
             temperature=cfg.temperature, pair_groups=pair_groups,
-            focal_gamma=cfg.focal_gamma)
+            focal_gamma=cfg.focal_gamma, instance_classes=cfg.instance_classes,
+            instance_sampled=cfg.instance_sampled)
         total, parts = losses.weighted_losses(cfg.loss_weights, loss_inputs)
         total = tf.identity(total, name="total_loss")
 

@@ -8,7 +8,7 @@ package itself never imports export.
 import json
 import os
 import shutil
-from typing import Optional
+from typing import Optional, Tuple
 
 import tensorflow as tf
 
@@ -16,6 +16,33 @@ from data_prep.manifest import PrepDir
 from estimator import probe
 from export import saved_model
 from export import warmup
+
+
+DEFAULT_NAME = "best_ndcg"
+BEST_FILE = "best_metric.json"
+
+
+def best_checkpoint(model_dir: str, name: str = DEFAULT_NAME) -> Optional[Tuple[str, dict]]:
+    """The checkpoint of the best evaluation a BestNdcgExporter recorded in model_dir.
+
+    Returns:
+      (checkpoint prefix, the record of best_metric.json: value, metric, checkpoint,
+      export), or None when no best export was kept. The prefix is the evaluated
+      checkpoint while it exists, else the best SavedModel's own variables
+      (`<version>/variables/variables`, the same variable names: the chief keeps only the
+      newest checkpoints).
+    """
+    path = os.path.join(model_dir, "export", name, BEST_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        record = json.load(f)
+    if tf.io.gfile.exists(record["checkpoint"] + ".index"):
+        return record["checkpoint"], record
+    variables = os.path.join(record["export"], "variables", "variables")
+    if tf.io.gfile.exists(variables + ".index"):
+        return variables, record
+    return None
 
 
 class BestNdcgExporter(tf.estimator.Exporter):
@@ -36,7 +63,7 @@ class BestNdcgExporter(tf.estimator.Exporter):
     Pass list_stage="off" to skip it.
     """
 
-    def __init__(self, prep: PrepDir, name: str = "best_ndcg", metric_key: str = "ndcg@5",
+    def __init__(self, prep: PrepDir, name: str = DEFAULT_NAME, metric_key: str = "ndcg@5",
                  exports_to_keep: int = 2, model_name: str = warmup.DEFAULT_MODEL_NAME,
                  list_stage: Optional[str] = None):
         """Args:
@@ -82,7 +109,7 @@ class BestNdcgExporter(tf.estimator.Exporter):
         value = self._metric(eval_result)
         if value is None:
             return None
-        best_file = os.path.join(export_path, "best_metric.json")
+        best_file = os.path.join(export_path, BEST_FILE)
         best = None
         if tf.io.gfile.exists(best_file):
             with tf.io.gfile.GFile(best_file) as f:

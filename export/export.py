@@ -1,6 +1,6 @@
 """`mmrecall export`: a versioned TF Serving SavedModel from an Estimator checkpoint.
 
-    mmrecall export --model-dir DIR --data PREP_DIR --export-dir OUT [--checkpoint CKPT]
+    mmrecall export --model-dir DIR --data PREP_DIR --export-dir OUT [--checkpoint CKPT|best]
                     [--model-name NAME] [--warmup-tsv valid.tsv] [--list-stage fit|off|FILE]
 
 writes OUT/<unix timestamp>/ (export.saved_model), prints the list stage it serves with
@@ -13,9 +13,12 @@ import sys
 from typing import Optional, Sequence
 
 from data_prep.manifest import PrepDir
+from export import best_exporter
 from export import list_fit
 from export import saved_model
 from export import warmup
+
+BEST = "best"   # --checkpoint value: the best evaluated checkpoint (best_exporter)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -26,7 +29,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="the `mmrecall prep` output directory")
     parser.add_argument("--export-dir", required=True,
                         help="base directory; the version goes into EXPORT_DIR/<timestamp>/")
-    parser.add_argument("--checkpoint", default=None, help="checkpoint prefix (default latest)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint prefix (default latest), or 'best': the one of the "
+                             "best valid NDCG@5 that training's best exporter kept "
+                             "(MODEL_DIR/export/best_ndcg; the latest when none was kept)")
     parser.add_argument("--model-name", default=warmup.DEFAULT_MODEL_NAME,
                         help="model name used in the warm-up requests (models.config name)")
     parser.add_argument("--warmup-tsv", default=None,
@@ -47,8 +53,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Writes the SavedModel version and prints its directory; returns the exit status."""
     args = parse_args(argv)
+    checkpoint = args.checkpoint
+    if checkpoint == BEST:
+        best = best_exporter.best_checkpoint(args.model_dir)
+        if best is None:
+            print("no best export kept in the model directory: exporting the latest checkpoint")
+            checkpoint = None
+        else:
+            checkpoint, record = best
+            print(f"best evaluated checkpoint: {record['checkpoint']} "
+                  f"(valid {record['metric']} {record['value']:.4f}), from {checkpoint}")
     path = saved_model.export_saved_model(
-        args.model_dir, PrepDir(args.data), args.export_dir, args.checkpoint,
+        args.model_dir, PrepDir(args.data), args.export_dir, checkpoint,
         model_name=args.model_name, warmup_tsv=args.warmup_tsv, list_stage=args.list_stage)
     with open(os.path.join(path, "assets.extra", saved_model.METADATA_FILE),
               encoding="utf-8") as f:

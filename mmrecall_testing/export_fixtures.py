@@ -16,6 +16,7 @@ from estimator import network
 from estimator import input_fn as input_lib
 from estimator import train as train_lib
 from estimator.config import Config
+from export import list_fit, saved_model
 
 PREP_MAX_BOXES = 6
 MODEL_MAX_BOXES = 4   # below the prep cap, to exercise the input_fn's own cap
@@ -59,6 +60,36 @@ def random_checkpoint(model_dir: str, prep_dir: PrepDir, seed: int = 0, **overri
     checkpoint prefix."""
     return write_random_checkpoint(tiny_config(prep_dir, **overrides), model_dir,
                                    len(prep_dir.vocab_tokens()), seed)
+
+
+def tiny_export(root: str, gen_dir: str = None, **overrides):
+    """A servable export of random weights, built under `root` in seconds.
+
+    Generates a small set into root/gen (unless `gen_dir` is given), preps it into
+    root/prep, writes a random checkpoint of tiny_config(**overrides) into root/model and
+    exports it without a list stage into root/export.
+
+    Returns:
+      (the generated data directory, the PrepDir, the SavedModel version directory).
+    """
+    gen = gen_dir or generate(os.path.join(root, "gen"))
+    prep_dir = PrepDir(prep(gen, os.path.join(root, "prep")))
+    random_checkpoint(os.path.join(root, "model"), prep_dir, **overrides)
+    path = saved_model.export_saved_model(os.path.join(root, "model"), prep_dir,
+                                          os.path.join(root, "export"),
+                                          list_stage=list_fit.OFF)
+    return gen, prep_dir, path
+
+
+# What indexing a catalogue without one valid row must raise (retrieval.store.StoreError).
+EMPTY_CATALOGUE_ERROR = r"^empty catalogue: no valid product row \(1 rejected\)"
+
+
+def rejects_only_catalogue(path: str) -> str:
+    """Writes a product TSV whose only row is malformed (3 columns); returns its path."""
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\t".join(schema.TSV_COLUMNS) + "\n1\t2\t3\n")
+    return path
 
 
 def write_random_checkpoint(cfg: Config, model_dir: str, vocab_size: int, seed: int = 0) -> str:

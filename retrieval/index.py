@@ -3,17 +3,20 @@
     mmrecall index --model EXPORT_DIR --products TSV [TSV ...] --out INDEX_DIR
                    [--batch-size 256] [--chunk-rows 65536] [--ann scann|faiss-ivf|exact]
                    [--served-out EXPORT_BASE [--served-k 100]] [--no-progress]
+                   [--runner local|beam [--beam-args="BEAM PIPELINE OPTIONS"]]
 
 Streams the rows (one reader thread validates and decodes the next batch while TensorFlow,
 which uses every core, embeds the current one), so memory holds two batches and one chunk
-of embeddings, plus the set of product ids seen (8 bytes and a Python int per product)
+of embeddings, plus the set of product ids seen (a Python set: ~74 bytes per product)
 and, at the end, the embeddings for the ANN build. Output layout, resumption and atomicity:
 retrieval/store.py. With --served-out it also writes the served retrieval SavedModel
-(retrieval/served.py).
+(retrieval/served.py). With --runner beam an Apache Beam pipeline embeds the catalogue
+instead (retrieval/beam_embed.py; the same index directory).
 """
 import argparse
 import os
 import queue
+import shlex
 import sys
 import threading
 import time
@@ -200,10 +203,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--served-k", type=int, default=100,
                         help="products the served retrieval returns per query (default 100)")
     parser.add_argument("--no-progress", action="store_true", help="no status line")
+    parser.add_argument("--runner", choices=("local", "beam"), default="local",
+                        help="local: this process embeds (resumable); beam: an Apache Beam "
+                             "pipeline embeds (pip install -e '.[beam]'; no resumption)")
+    parser.add_argument("--beam-args", default="",
+                        help="with --runner beam: Beam pipeline options as one string, e.g. "
+                             "--beam-args='--runner=FlinkRunner --flink_master=HOST:8081' "
+                             "(default: DirectRunner)")
     args = parser.parse_args(argv)
+    if args.beam_args and args.runner != "beam":
+        parser.error("--beam-args needs --runner beam")
     try:
-        meta = build_index(args.model, args.products, args.out, args.batch_size,
-                           args.chunk_rows, args.ann, progress=not args.no_progress)
+        if args.runner == "beam":
+            try:
+                from retrieval import beam_embed  # noqa: E402  # apache-beam: an optional extra
+            except ImportError as e:
+                print(f"mmrecall index: --runner beam needs apache-beam ({e}): "
+                      f"pip install -e '.[beam]'", file=sys.stderr)
+                return 1
+            meta = beam_embed.build_index(args.model, args.products, args.out,
+                                          args.batch_size, args.chunk_rows, args.ann,
+                                          beam_args=shlex.split(args.beam_args))
+        else:
+            meta = build_index(args.model, args.products, args.out, args.batch_size,
+                               args.chunk_rows, args.ann, progress=not args.no_progress)
     except (store.StoreError, model_lib.ModelError, tsv.TsvFormatError, FileNotFoundError,
             ValueError) as e:
         print(f"mmrecall index: {e}", file=sys.stderr)

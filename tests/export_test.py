@@ -20,6 +20,7 @@ from data_prep.manifest import PrepDir
 from estimator import list_stage as list_lib
 from estimator.config import Config
 from export import best_exporter
+from export import export as export_lib
 from export import list_fit
 from export import saved_model
 from export import signatures as sig_lib
@@ -843,3 +844,43 @@ def test_sample_serving_configs_parse():
     assert set(fields) <= known, set(fields) - known
     assert fields["pad_variable_length_inputs"].replace(" ", "") == \
         "pad_variable_length_inputs:true"
+
+
+def _weights(prefix):
+    reader = tf.train.load_checkpoint(prefix)
+    names = sorted(n for n in reader.get_variable_to_shape_map() if n.startswith("ranker/"))
+    assert names
+    return {n: reader.get_tensor(n) for n in names}
+
+
+def test_export_checkpoint_best_serves_the_best_evaluated_weights(world, tmp_path, capsys):
+    model_dir = str(tmp_path / "model")
+    fx.random_checkpoint(model_dir, world["prep_dir"], seed=0)
+    best_dir = os.path.join(model_dir, "export", best_exporter.DEFAULT_NAME)
+    best = saved_model.export_saved_model(model_dir, world["prep_dir"], best_dir,
+                                          list_stage=list_fit.OFF)
+    record = {"value": 0.5, "metric": "ndcg@5", "export": best,
+              "checkpoint": os.path.join(model_dir, "model.ckpt-0")}   # removed by the chief
+    with open(os.path.join(best_dir, best_exporter.BEST_FILE), "w") as f:
+        json.dump(record, f)
+    latest = fx.random_checkpoint(model_dir, world["prep_dir"], seed=1)  # training went on
+    prefix, got = best_exporter.best_checkpoint(model_dir)
+    assert prefix == os.path.join(best, "variables", "variables") and got == record
+
+    out = str(tmp_path / "served")
+    assert export_lib.main(["--model-dir", model_dir, "--data", world["prep"], "--export-dir",
+                            out, "--checkpoint", "best", "--list-stage", "off"]) == 0
+    assert "valid ndcg@5 0.5000" in capsys.readouterr().out
+    (version,) = os.listdir(out)
+    served = _weights(os.path.join(out, version, "variables", "variables"))
+    expected, newer = _weights(prefix), _weights(latest)
+    assert served.keys() == expected.keys()
+    assert all(np.array_equal(served[n], expected[n]) for n in served)
+    assert any(not np.array_equal(served[n], newer[n]) for n in served)
+
+    # While the evaluated checkpoint exists it is the one used; without a record, none.
+    record["checkpoint"] = latest
+    with open(os.path.join(best_dir, best_exporter.BEST_FILE), "w") as f:
+        json.dump(record, f)
+    assert best_exporter.best_checkpoint(model_dir)[0] == latest
+    assert best_exporter.best_checkpoint(str(tmp_path / "elsewhere")) is None

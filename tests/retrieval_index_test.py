@@ -9,9 +9,6 @@ import numpy as np
 import pytest
 
 from data_prep import schema
-from data_prep.manifest import PrepDir
-from export import list_fit
-from export import saved_model
 from mmrecall_testing import export_fixtures as fx
 from retrieval import ann
 from retrieval import catalogue
@@ -25,11 +22,7 @@ BATCH, CHUNK = 16, 48       # 3 batches a chunk; the tiny catalogue makes 5 chun
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("retrieval_index"))
-    gen = fx.generate(os.path.join(root, "gen"))
-    prep_dir = PrepDir(fx.prep(gen, os.path.join(root, "prep")))
-    fx.random_checkpoint(os.path.join(root, "model"), prep_dir)
-    path = saved_model.export_saved_model(os.path.join(root, "model"), prep_dir,
-                                          os.path.join(root, "export"), list_stage=list_fit.OFF)
+    gen, _, path = fx.tiny_export(root)
     products = [os.path.join(gen, f) for f in ("train.tsv", "valid.tsv", "testB.tsv")]
     model = model_lib.ExportModel(path)
     full = os.path.join(root, "full")
@@ -179,12 +172,9 @@ def test_rerun_replaces_a_finished_index(world, tmp_path):
 
 
 def test_empty_catalogue_is_an_error_and_leaves_nothing(world, tmp_path):
-    path = str(tmp_path / "empty.tsv")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\t".join(schema.TSV_COLUMNS) + "\n1\t2\t3\n")
+    path = fx.rejects_only_catalogue(str(tmp_path / "empty.tsv"))
     out = str(tmp_path / "idx")
-    with pytest.raises(store.StoreError, match=r"^empty catalogue: no valid product row "
-                                                 r"\(1 rejected\)"):
+    with pytest.raises(store.StoreError, match=fx.EMPTY_CATALOGUE_ERROR):
         index_lib.build_index(world["export"], [path], out, BATCH, CHUNK, model=world["model"])
     assert not os.path.exists(out) and not os.path.exists(out + store.PARTIAL_SUFFIX)
     assert index_lib.main(["--model", world["export"], "--products", path, "--out", out,

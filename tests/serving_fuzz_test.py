@@ -24,9 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data_prep import schema, tsv
-from data_prep.manifest import PrepDir
 from estimator import list_stage as list_lib
-from export import list_fit, rank, saved_model
+from export import rank
 from export import signatures as sig_lib
 from mmrecall_testing import export_fixtures as fx
 
@@ -44,11 +43,7 @@ def served(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("fuzz"))
     gen = fx.generate(os.path.join(root, "gen"), valid_queries=2, test_queries=1,
                       candidates=4)
-    prep_dir = PrepDir(fx.prep(gen, os.path.join(root, "prep")))
-    fx.random_checkpoint(os.path.join(root, "model"), prep_dir)
-    path = saved_model.export_saved_model(os.path.join(root, "model"), prep_dir,
-                                          os.path.join(root, "export"),
-                                          list_stage=list_fit.OFF)
+    _, _, path = fx.tiny_export(root, gen_dir=gen)
     graph = tf.Graph()
     with graph.as_default():
         sess = tf.compat.v1.Session(graph=graph)
