@@ -57,7 +57,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if checkpoint == BEST:
         best = best_exporter.best_checkpoint(args.model_dir)
         if best is None:
-            print("no best export kept in the model directory: exporting the latest checkpoint")
+            print(f"no best checkpoint or best export with its weights under "
+                  f"{args.model_dir}/export/{best_exporter.DEFAULT_NAME}: exporting the latest "
+                  f"checkpoint")
             checkpoint = None
         else:
             checkpoint, record = best
