@@ -29,10 +29,12 @@ End to end (--end-to-end RUN_DIR, a finished ./run_train.sh run directory; JSON 
 bench/results/retrieval_end_to_end.json): the run's valid and test products as one
 catalogue indexed by `mmrecall index` with the run's export, the test queries searched by
 `mmrecall search --queries` and scored by `mmrecall score` (each a subprocess, as a user
-runs them), three ways: reranked by the served ranking (`--rerank 100`), by the pair score
-alone (`--first-stage`), and the towers alone (`--rerank 0`); recall@100, each query's
-answers found among the 100 the index retrieves (retrieval.search.Searcher.retrieve, what
-the search reranks), averaged over queries. Beside them, the baseline of the same run: the
+runs them), five ways: reranked by the served ranking (`--rerank 100`), by the pair score
+alone (`--first-stage`), and the towers alone (`--rerank 0`), all with the default query
+expansion (retrieval/expansion.py), then the first and last again without it
+(`--expand-weight 0`, the baseline); recall@100, each query's answers found among the 100
+the index retrieves (retrieval.search.Searcher.retrieve, what the search reranks), averaged
+over queries, with and without expansion. Beside them, the baseline of the same run: the
 candidate-list NDCG@5 of the same model (RUN_DIR/test_score.txt and
 test_first_stage_score.txt), which ranks only each query's ~30 given candidates.
 
@@ -71,6 +73,8 @@ import tensorflow as tf  # noqa: E402
 
 from mmrecall_testing import export_fixtures as fx  # noqa: E402
 from retrieval import ann  # noqa: E402
+from retrieval import catalogue as catalogue_lib  # noqa: E402
+from retrieval import expansion as expansion_lib  # noqa: E402
 from retrieval import index as index_lib  # noqa: E402
 from retrieval import model as model_lib  # noqa: E402
 from retrieval import search as search_lib  # noqa: E402
@@ -256,9 +260,12 @@ def end_to_end(run_dir: str, tmp: str, rerank: int = 100) -> dict:
     meta = _read_json(os.path.join(index_dir, store.INDEX_FILE))
     print(f"index: {meta['count']} products ({meta['rejected']} rejected, {meta['duplicates']} "
           f"duplicate rows), ANN {meta['ann']['kind']}, {index_s:.1f} s", flush=True)
+    off = ["--expand-weight", "0"]
     ways = {"reranked_served": ["--rerank", str(rerank)],
             "reranked_first_stage": ["--rerank", str(rerank), "--first-stage"],
-            "towers_alone": ["--rerank", "0"]}
+            "towers_alone": ["--rerank", "0"],
+            "reranked_served_no_expansion": ["--rerank", str(rerank)] + off,
+            "towers_alone_no_expansion": ["--rerank", "0"] + off}
     ndcg, search_s = {}, {}
     for way, flags in ways.items():
         out = os.path.join(tmp, way + ".csv")
@@ -271,23 +278,29 @@ def end_to_end(run_dir: str, tmp: str, rerank: int = 100) -> dict:
         print(f"catalogue search, {way:22s} NDCG@5 {ndcg[way]:.4f} ({search_s[way]:.1f} s)",
               flush=True)
     queries = search_lib.read_queries(test)
-    searcher = search_lib.Searcher(index_dir, export)
-    try:
-        retrieved, _ = searcher.retrieve([t for _, t in queries], rerank)
-    finally:
-        searcher.close()
     answers = _read_json(answers_path)
-    recall_at = answer_recall(answers, queries, retrieved)
+    recall_at = {}
+    for name, expansion in (("expanded", expansion_lib.Expansion()),
+                            ("no_expansion", expansion_lib.OFF)):
+        searcher = search_lib.Searcher(index_dir, export, expansion=expansion)
+        try:
+            retrieved, _ = searcher.retrieve([t for _, t in queries], rerank)
+        finally:
+            searcher.close()
+        recall_at[name] = answer_recall(answers, queries, retrieved)
     candidate_lists = {
         "served": _read_json(os.path.join(run_dir, "test_score.txt"))["ndcg@5"],
         "first_stage": _read_json(os.path.join(run_dir, "test_first_stage_score.txt"))["ndcg@5"]}
-    print(f"recall@{rerank} of the answers {recall_at:.4f}; candidate lists (same model): "
+    print(f"recall@{rerank} of the answers {recall_at['expanded']:.4f} (without query "
+          f"expansion {recall_at['no_expansion']:.4f}); candidate lists (same model): "
           f"served NDCG@5 {candidate_lists['served']:.4f}, first stage "
           f"{candidate_lists['first_stage']:.4f}", flush=True)
     return {"run_dir": os.path.abspath(run_dir), "catalogue_products": meta["count"],
             "catalogue_files": catalogue_files, "ann": meta["ann"]["kind"],
             "test_queries": len(queries), "index_s": index_s, "search_s": search_s,
-            f"recall@{rerank}": recall_at, "ndcg@5_catalogue": ndcg,
+            f"recall@{rerank}": recall_at["expanded"],
+            f"recall@{rerank}_no_expansion": recall_at["no_expansion"],
+            "expansion": expansion_lib.Expansion().to_dict(), "ndcg@5_catalogue": ndcg,
             "ndcg@5_candidate_lists": candidate_lists,
             "ratio_served_catalogue_to_candidate_lists":
                 ndcg["reranked_served"] / candidate_lists["served"]}
@@ -330,17 +343,23 @@ def cycled_catalogue(sources, rows: int, path: str) -> None:
                         written += 1
 
 
-def seen_set_bytes_per_id(n: int) -> float:
-    """Bytes per product of a Python set of n int64 product ids (what iter_rows keeps)."""
+def seen_set_bytes_per_id(n: int) -> dict:
+    """Bytes per product of n int64 product ids kept as seen, added one at a time as
+    catalogue.iter_rows adds them: catalogue.IdSet (what it keeps) against the Python set it
+    kept before (the baseline). Peak traced bytes, so the IdSet's merge copies count."""
     import tracemalloc  # noqa: E402  # stdlib, only this figure needs it
 
-    tracemalloc.start()
-    ids = set(np.arange(900000000, 900000000 + n, dtype=np.int64).tolist())
-    size = tracemalloc.get_traced_memory()[0]
-    tracemalloc.stop()
-    del ids
-    return size / n
-
+    ids = np.arange(900000000, 900000000 + n, dtype=np.int64).tolist()
+    out = {}
+    for name, make in (("python_set", set), ("id_set", catalogue_lib.IdSet)):
+        tracemalloc.start()
+        seen = make()
+        for product_id in ids:
+            seen.add(product_id)
+        out[name] = tracemalloc.get_traced_memory()[1] / n
+        tracemalloc.stop()
+        del seen
+    return out
 
 BEAM_MAX_PRODUCTS = 50000   # the DirectRunner holds the shuffled rows (~40 KB each) in memory
 
@@ -385,9 +404,10 @@ def index_memory(run_dir: str, tmp: str, sizes, chunk_rows: int = 65536) -> dict
             (exact[-1]["peak_rss_mb"] - exact[0]["peak_rss_mb"]) * 2 ** 20
             / (exact[-1]["products"] - exact[0]["products"]))
     result["seen_set_bytes_per_product"] = seen_set_bytes_per_id(sizes[-1])
+    seen = result["seen_set_bytes_per_product"]
     print(f"growth {result.get('exact_growth_bytes_per_product', float('nan')):.0f} bytes per "
-          f"product (exact); the seen-id set alone "
-          f"{result['seen_set_bytes_per_product']:.0f} bytes per product", flush=True)
+          f"product (exact); the seen ids alone {seen['id_set']:.1f} bytes per product "
+          f"(a Python set: {seen['python_set']:.1f})", flush=True)
     return result
 
 

@@ -24,14 +24,16 @@ slows them alike and the ratios to the Estimator stay comparable:
                        repr when binding a TF1 signature's keyword arguments: a Python
                        client cost the model server does not pay. --skip-tf2 leaves it out.
   baseline_saved_model_rank, baseline_saved_model_rank_raw_bytes,
-  baseline_tf2_function_rank  with --baseline-export: `rank` of another export (e.g. one written
-                       by an older version of export/) in the same run.
+  baseline_preprocessing_only(_raw_bytes), baseline_tf2_function_rank
+                       with --baseline-export: the same cases of another export (e.g. one
+                       written by an older version of export/) in the same run.
 
 `ratio_to_estimator` gives each case's p50 over the Estimator's p50. `split_p50_ms` splits
-`rank` per input kind (base64 text, raw bytes) into the in-graph preprocessing (the
-preprocessing_only p50) and the rest (model, list stage; total minus preprocessing: feeding
-the model's inputs, as model_only does, adds a copy of them that `rank` never makes). The
-load average at start and end is recorded (the machine may be shared).
+`rank` per input kind (base64 text, raw bytes; baseline_* too with --baseline-export) into
+the in-graph preprocessing (the preprocessing_only p50) and the rest (model, list stage;
+total minus preprocessing: feeding the model's inputs, as model_only does, adds a copy of
+them that `rank` never makes). The load average at start and end is recorded (the machine
+may be shared).
 
 Prints and writes JSON (default bench/results/serving.json). Without --model-dir/--data/
 --export it builds a tiny world itself (generated data, prep, a randomly initialised
@@ -50,6 +52,7 @@ is chosen from (docs/serving.md).
 """
 import argparse
 import base64
+import itertools
 import json
 import os
 import platform
@@ -239,8 +242,9 @@ def saved_model_cases(export, rows, skip_tf2=False, prefix=""):
     cases[prefix + "saved_model_rank_raw_bytes"] = _signature_case(sess, meta, "rank",
                                                                    raw_inputs, "scores")
     extra = {prefix + "saved_model_rank": {"load_s": round(load_s, 2)}}
+    _preprocessing_cases(cases, sess, meta, rank_inputs, raw_inputs, prefix)
     if not prefix:
-        _more_session_cases(cases, sess, meta, rows, rank_inputs, raw_inputs)
+        _more_session_cases(cases, sess, meta, rows, rank_inputs)
     if not skip_tf2:
         start = time.perf_counter()
         model = tf.saved_model.load(rank.resolve_model_dir(export))
@@ -251,7 +255,20 @@ def saved_model_cases(export, rows, skip_tf2=False, prefix=""):
     return cases, extra
 
 
-def _more_session_cases(cases, sess, meta, rows, rank_inputs, raw_inputs):
+def _preprocessing_cases(cases, sess, meta, rank_inputs, raw_inputs, prefix):
+    """preprocessing_only(_raw_bytes) cases of an export that names its model inputs."""
+    pre = _preprocessed(sess.graph)
+    if pre is None:
+        return
+    sig = meta.signature_def["rank"]
+    for suffix, inputs in (("", rank_inputs), ("_raw_bytes", raw_inputs)):
+        feed = {sess.graph.get_tensor_by_name(sig.inputs[k].name): v
+                for k, v in inputs.items()}
+        cases[prefix + "preprocessing_only" + suffix] = (
+            lambda feed=feed: sess.run(pre, feed))
+
+
+def _more_session_cases(cases, sess, meta, rows, rank_inputs):
     cases["saved_model_score_dense"] = _signature_case(sess, meta, "score_dense",
                                                        _dense_inputs(rows), outputs.SCORE)
     pre = _preprocessed(sess.graph)
@@ -259,10 +276,6 @@ def _more_session_cases(cases, sess, meta, rows, rank_inputs, raw_inputs):
         sig = meta.signature_def["rank"]
         feed = {sess.graph.get_tensor_by_name(sig.inputs[k].name): v
                 for k, v in rank_inputs.items()}
-        raw_feed = {sess.graph.get_tensor_by_name(sig.inputs[k].name): v
-                    for k, v in raw_inputs.items()}
-        cases["preprocessing_only"] = lambda: sess.run(pre, feed)
-        cases["preprocessing_only_raw_bytes"] = lambda: sess.run(pre, raw_feed)
         model_feed = dict(feed)
         model_feed.update({pre[k]: v for k, v in sess.run(pre, feed).items()})
         fetch = sess.graph.get_tensor_by_name(sig.outputs["scores"].name)
@@ -308,15 +321,17 @@ def estimator_case(model_dir, prep, rows, batches):
 
 
 def _split(stats) -> dict:
-    """{"base64" | "raw_bytes": {"preprocessing", "model", "total"}} p50 ms of `rank`."""
+    """{"base64" | "raw_bytes" (| "baseline_..."): {"preprocessing", "model", "total"}} p50
+    ms of `rank`."""
     out = {}
-    for kind, suffix in (("base64", ""), ("raw_bytes", "_raw_bytes")):
-        total = stats.get("saved_model_rank" + suffix)
-        pre = stats.get("preprocessing_only" + suffix)
+    for (kind, suffix), prefix in itertools.product(
+            (("base64", ""), ("raw_bytes", "_raw_bytes")), ("", "baseline_")):
+        total = stats.get(prefix + "saved_model_rank" + suffix)
+        pre = stats.get(prefix + "preprocessing_only" + suffix)
         if total and pre:
-            out[kind] = {"preprocessing": pre["p50_ms"],
-                         "model": round(total["p50_ms"] - pre["p50_ms"], 3),
-                         "total": total["p50_ms"]}
+            out[prefix + kind] = {"preprocessing": pre["p50_ms"],
+                                  "model": round(total["p50_ms"] - pre["p50_ms"], 3),
+                                  "total": total["p50_ms"]}
     return out
 
 

@@ -159,6 +159,14 @@ def _zscore_np(x, mask, count):
     return np.where(flat, 0.0, centred / np.where(flat, 1.0, std))
 
 
+def zscore_numpy(x, mask) -> np.ndarray:
+    """z(x) per row over its masked entries: float [Q, C] x, bool [Q, C] mask -> float64
+    [Q, C]; 0 for a row whose masked values are all equal (and at masked-out entries)."""
+    maskf = np.asarray(mask, bool).astype(np.float64)
+    count = np.maximum(maskf.sum(1, keepdims=True), 1.0)
+    return _zscore_np(np.where(maskf > 0, np.asarray(x, np.float64), 0.0), maskf, count)
+
+
 def _l2_normalize_np(x):
     return x / np.sqrt(np.maximum((x ** 2).sum(-1, keepdims=True), _NORM_EPS))
 

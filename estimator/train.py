@@ -31,13 +31,14 @@ from estimator.config import CONFIG_FILE, Config
 def resolve_config(cfg: Config, prep: PrepDir) -> Config:
     """`cfg` with its data-dependent fields filled from the prep.
 
-    data_dir becomes prep.path; word_embedding_size (W) and max_boxes (N cap), when 0,
-    become the prep's word2vec width and box cap. Set values are kept.
+    data_dir becomes prep.path; word_embedding_size (W), when 0, becomes the prep's
+    word2vec width; max_boxes (N cap) becomes the prep's box cap when 0 or above it (the
+    records hold no more boxes than that). Other set values are kept.
     """
     values = {"data_dir": prep.path}
     if not cfg.word_embedding_size:
         values["word_embedding_size"] = prep.embedding_dim
-    if not cfg.max_boxes:
+    if not cfg.max_boxes or cfg.max_boxes > prep.max_boxes:
         values["max_boxes"] = prep.max_boxes
     return Config.from_dict(values, cfg)
 

@@ -110,22 +110,38 @@ def _b64_parts(strings: tf.Tensor, num_boxes: tf.Tensor, bytes_per_box: int,
 
     Each op walks its rows one after the other on one thread; `pieces` > 1 splits the
     rows into runs of about equal bytes, each scanned, mapped and decoded by ops of its
-    own, so that a large field (the features) uses several cores.
+    own, so that a large field (the features) uses several cores. Such a field is neither
+    split nor mapped when every row has the raw length (a raw-bytes request), which would
+    copy every string for nothing: its one scan stops at a raw row's first byte outside
+    the alphabet. (For a small field the branch would cost more ops than the copies.)
     """
     length = tf.strings.length(strings)                                      # [B] int32
     raw_ok = tf.equal(tf.cast(length, tf.int64),
                       tf.cast(num_boxes, tf.int64) * bytes_per_box)          # [B]
-    # Rows of the raw length are blanked, so the mapping walks text only, without waiting
-    # for the scan. Text of that length never has the right length when decoded (4 base64
-    # characters hold 3 bytes), so the blank decodes to the same refusal (_check_lengths).
-    text = tf.where(raw_ok, tf.fill(tf.shape(strings), ""), strings)
-    alphabet_ok, web_safe = [], []
-    for piece, piece_text in zip(*_split_by_bytes(length, pieces, strings, text)):
-        alphabet_ok.append(tf.strings.regex_full_match(piece, _B64_PATTERN))
-        # tf.io.decode_base64 reads the web-safe alphabet only.
-        web_safe.append(tf.strings.regex_replace(
-            tf.strings.regex_replace(piece_text, r"\+", "-"), "/", "_"))
-    is_text = tf.logical_and(tf.concat(alphabet_ok, axis=0), tf.equal(length % 4, 0))  # [B]
+
+    def some_text():
+        # Rows of the raw length are blanked, so the mapping walks text only, without
+        # waiting for the scan. Text of that length never has the right length when
+        # decoded (4 base64 characters hold 3 bytes), so the blank decodes to the same
+        # refusal (_check_lengths).
+        text = tf.where(raw_ok, tf.fill(tf.shape(strings), ""), strings)
+        alphabet_ok, web_safe = [], []
+        for piece, piece_text in zip(*_split_by_bytes(length, pieces, strings, text)):
+            alphabet_ok.append(tf.strings.regex_full_match(piece, _B64_PATTERN))
+            # tf.io.decode_base64 reads the web-safe alphabet only.
+            web_safe.append(tf.strings.regex_replace(
+                tf.strings.regex_replace(piece_text, r"\+", "-"), "/", "_"))
+        return [tf.concat(alphabet_ok, axis=0)] + web_safe
+
+    def all_raw():
+        # Every row blanked, as some_text() would; empty further pieces.
+        blank = tf.fill(tf.shape(strings), "")
+        return ([tf.strings.regex_full_match(strings, _B64_PATTERN), blank] +
+                [blank[:0]] * (pieces - 1))
+
+    alphabet_ok, *web_safe = (tf.cond(tf.reduce_all(raw_ok), all_raw, some_text)
+                              if pieces > 1 else some_text())
+    is_text = tf.logical_and(alphabet_ok, tf.equal(length % 4, 0))           # [B]
     ok = tf.reduce_all(tf.logical_or(is_text, raw_ok))
     return _B64Parts(strings, is_text, ok, tuple(web_safe))
 
@@ -141,10 +157,23 @@ def _decode_checked(parts: _B64Parts, num_boxes: tf.Tensor, bytes_per_box: int, 
             parts.ok,
             f"{field}: neither standard base64 text (alphabet A-Z a-z 0-9 + /, '=' "
             f"padding, length a multiple of 4) nor num_boxes x {bytes_per_box} raw bytes")
+
+    def text():
+        return tf.concat([tf.io.decode_base64(w) for w in parts.web_safe], axis=0)  # [B]
+
+    def mixed():
+        return tf.where(parts.is_text, text(), parts.strings)
+
     with tf.control_dependencies([b64_check]):
-        text = tf.concat([tf.io.decode_base64(w) for w in parts.web_safe], axis=0)  # [B]
-        decoded = tf.where(parts.is_text, text, parts.strings)
-    with tf.control_dependencies([b64_check]):
+        if len(parts.web_safe) == 1:
+            decoded = mixed()
+        else:
+            # A field read in pieces is large: a string select copies every string, so it
+            # runs only for a request of both kinds, and no DecodeBase64 for raw rows.
+            kind = (tf.cast(tf.reduce_any(parts.is_text), tf.int32) +
+                    tf.cast(tf.reduce_all(parts.is_text), tf.int32))  # 0 raw, 1 both, 2 text
+            decoded = tf.switch_case(kind, [lambda: tf.identity(parts.strings), mixed, text])
+            decoded.set_shape(parts.strings.shape)
         length_check = _check_lengths(decoded, num_boxes, bytes_per_box, field)
     return decoded, length_check
 
@@ -299,7 +328,7 @@ def _process(boxes, features, labels, num_boxes, image_h, image_w, max_boxes) ->
     labels_ok = tf.logical_or(tf.logical_not(valid),
                               tf.logical_and(labels >= 0, labels < schema.NUM_CLASSES))
     invalid = tf.logical_not(valid)
-    box_finite, box_not_negative = _feature_checks(features, valid)      # [B, N] each
+    box_finite, box_not_negative, padding_zero = _feature_checks(features, valid)
     # (condition, message) in prep's order (data_prep.tsv.parse_row); chained below so the
     # first failing one is reported.
     conditions = [
@@ -338,14 +367,19 @@ def _process(boxes, features, labels, num_boxes, image_h, image_w, max_boxes) ->
     kept_labels = tf.gather(labels, index, batch_dims=1)                   # [B, M]
     geometry_rows = _relative_geometry(kept_boxes, image_h, image_w)       # [B, M, G]
 
-    # Features [B, N, F]: when no cap applies (M == N: every box is kept, in order) the
-    # gather is the identity and only the padding must be zeroed, one pass instead of two.
-    # Both branches give the same values (kept features are finite and >= 0).
-    kept_features = tf.cond(
-        tf.equal(k_pad, n_pad),
-        lambda: tf.where(kept[:, :, None], features, tf.zeros([], features.dtype)),
+    # Features [B, N, F]. With no cap (M == N: every box kept, in order) the gather is the
+    # identity and only the padding must be zeroed, one pass instead of two; and when the
+    # padding already holds +0.0 only (its bits are 0: decoded requests, which decode_raw
+    # zero-fills, and most dense ones) not even that. All three give the same values (kept
+    # features are finite and >= 0).
+    no_cap = tf.cast(tf.equal(k_pad, n_pad), tf.int32)
+    how = no_cap + no_cap * tf.cast(padding_zero, tf.int32)     # 0 cap, 1 zero, 2 as is
+    kept_features = tf.switch_case(how, [
         lambda: tf.where(kept[:, :, None], tf.gather(features, index, batch_dims=1),
-                         tf.zeros([], features.dtype)))                   # [B, M, F]
+                         tf.zeros([], features.dtype)),
+        lambda: tf.where(kept[:, :, None], features, tf.zeros([], features.dtype)),
+        lambda: tf.identity(features)])                                    # [B, M, F]
+    kept_features.set_shape([None, None, features.shape[2]])
 
     keep_f = tf.cast(kept, tf.float32)
     return Products(
@@ -378,7 +412,8 @@ def _feature_checks(features: tf.Tensor, valid: tf.Tensor):
       features: float32 [B, N, F]; valid: bool [B, N], the boxes that count.
     Returns:
       (finite, not_negative), bool [B, N] each; not_negative is meaningful for finite
-      boxes only (finiteness is checked, and reported, first).
+      boxes only (finiteness is checked, and reported, first); and padding_zero, bool
+      scalar: every value past the valid boxes is +0.0 (from the same reduction).
     """
     bits_max = tf.reduce_max(tf.bitcast(features, tf.uint32), axis=2)      # [B, N]
     not_negative = bits_max <= tf.constant(_NEGATIVE_ZERO_BITS, tf.uint32)
@@ -387,7 +422,8 @@ def _feature_checks(features: tf.Tensor, valid: tf.Tensor):
     finite = tf.cond(suspect,
                      lambda: tf.reduce_all(tf.math.is_finite(features), axis=2),
                      lambda: tf.ones_like(valid))
-    return finite, not_negative
+    padding_zero = tf.reduce_all(tf.logical_or(valid, tf.equal(bits_max, 0)))
+    return finite, not_negative, padding_zero
 
 
 def _relative_geometry(boxes: tf.Tensor, image_h: tf.Tensor, image_w: tf.Tensor) -> tf.Tensor:

@@ -119,13 +119,26 @@ def check_inputs(inputs: Dict[str, tf.Tensor], layouts: Dict[str, tuple]) -> Dic
     def text(layout):       # no brackets: rank.field_message reads up to the first "]"
         return "(" + ", ".join(str(d) for d in layout) + ")"
 
+    # int32 shapes: an Assert whose data are all int32 or string is a single op.
+    shapes = {k: tf.shape(inputs[k]) for k in names}
     rank_checks = [tf.debugging.Assert(
-        tf.equal(tf.size(tf.shape(inputs[k])), len(layouts[k])),
+        tf.equal(tf.size(shapes[k]), len(layouts[k])),
         [f"{k}: rank {len(layouts[k])} expected {text(layouts[k])}, got shape",
-         tf.shape(inputs[k])], summarize=8, name=f"{k}_rank") for k in names]
+         shapes[k]], summarize=8, name=f"{k}_rank") for k in names]
+    # Every op of the shape checks (slices of the shapes, comparisons) runs after the rank
+    # checks: control edges, not an Identity of each shape.
     with tf.control_dependencies(rank_checks):
-        # int32 shapes: an Assert whose data are all int32 or string is a single op.
-        shapes = {k: tf.identity(tf.shape(inputs[k])) for k in names}   # read after the ranks
+        shape_checks = _shape_checks(names, layouts, shapes, text)
+    with tf.control_dependencies(rank_checks + shape_checks):
+        # Past the checks the layout holds; EnsureShape records it in the graph, so that
+        # Grappler's shape inference (and the ops it fuses on known shapes) sees it too.
+        return {k: tf.ensure_shape(v, [d if isinstance(d, int) else None for d in layouts[k]])
+                for k, v in inputs.items()}
+
+
+def _shape_checks(names, layouts, shapes, text):
+    """check_inputs' shape checks, built after its rank checks: one Assert per input with a
+    fixed size or a dimension defined by another input."""
     shape_checks = []
     owner = {}                                       # letter -> (field, axis) defining it
     for k in names:
@@ -147,11 +160,7 @@ def check_inputs(inputs: Dict[str, tf.Tensor], layouts: Dict[str, tuple]) -> Dic
             [f"{k}: shape {text(layouts[k])} expected" + (f" ({where})" if where else "") +
              f"; shapes of {', '.join([k] + refs)}:", shapes[k]] +
             [shapes[r] for r in refs], summarize=8, name=f"{k}_shape"))
-    with tf.control_dependencies(rank_checks + shape_checks):
-        # Past the checks the layout holds; EnsureShape records it in the graph, so that
-        # Grappler's shape inference (and the ops it fuses on known shapes) sees it too.
-        return {k: tf.ensure_shape(v, [d if isinstance(d, int) else None for d in layouts[k]])
-                for k, v in inputs.items()}
+    return shape_checks
 
 
 class ServingGraph:
@@ -290,9 +299,15 @@ class ServingGraph:
             # not padding and reaches the model's own check.
             real_mask = tf.not_equal(rank_checked[pg.NUM_BOXES_FIELD], 0)         # [Q, C]
             real = tf.where(tf.reshape(real_mask, [-1]))                           # [R, 1]
-            repeated_query = tf.gather_nd(tf.repeat(checked_query, list_shape[1]), real)  # [R]
-            flat = {k: tf.gather_nd(tf.reshape(v, [-1]), real)
-                    for k, v in rank_checked.items()}                              # [R]
+            lists = dict(rank_checked, **{QUERY: tf.broadcast_to(checked_query[:, None],
+                                                                 list_shape)})   # [Q, C]
+            lists = {k: tf.reshape(v, [-1]) for k, v in lists.items()}            # [Q*C]
+            # A gather copies every string (the features are most of a request's bytes):
+            # only lists with padding need one.
+            flat = tf.cond(tf.reduce_all(real_mask),
+                           lambda: {k: tf.identity(v) for k, v in lists.items()},
+                           lambda: {k: tf.gather_nd(v, real) for k, v in lists.items()})
+            repeated_query = flat.pop(QUERY)                                       # [R]
 
         # Row-aligned pairs: serving_default, embed_query, embed_product feed here.
         with tf.name_scope("pairs"):

@@ -9,8 +9,11 @@ and never embedded. The request sent to the model is the row's own TSV fields (b
 and integers), as `mmrecall rank` sends them, so a row's location (file, byte offset,
 length) is enough to rebuild it later.
 """
+import bisect
 import os
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
 
 from data_prep import schema
 from data_prep import tsv
@@ -98,8 +101,63 @@ def validate_line(line: bytes) -> Tuple[int, Dict[str, Union[bytes, int]]]:
     return row.product_id, _fields_of(values)
 
 
+class IdSet:
+    """A set of int64 product ids at about 8 bytes each (a Python set of ints takes ~74).
+
+    Ids live in a sorted int64 array; new ones collect in a small Python set that is merged
+    into the array once it holds `buffer` ids, so membership is a binary search plus a set
+    lookup, and memory is the array, one buffer, and during a merge one copy of the array.
+    """
+
+    def __init__(self, ids: Iterable[int] = (), buffer: int = 65536):
+        self._sorted = np.zeros([0], np.int64)
+        self._view = memoryview(self._sorted)
+        self._recent: set = set()
+        self._buffer = buffer
+        self.update(ids)
+
+    def __contains__(self, product_id: int) -> bool:
+        if product_id in self._recent:
+            return True
+        # bisect over the array's buffer: a C loop, several times faster than a scalar
+        # np.searchsorted call.
+        i = bisect.bisect_left(self._view, product_id)
+        return i < len(self._view) and self._view[i] == product_id
+
+    def __len__(self) -> int:
+        self._merge()
+        return len(self._sorted)
+
+    def add(self, product_id: int) -> None:
+        """Adds one id (no effect if present)."""
+        self._recent.add(int(product_id))
+        if len(self._recent) >= self._buffer:
+            self._merge()
+
+    def update(self, ids: Iterable[int]) -> None:
+        """Adds many ids (an int64 array or any iterable of ints)."""
+        ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), np.int64)
+        self._recent.update(np.unique(ids.reshape(-1)).tolist())
+        self._merge()
+
+    def _merge(self) -> None:
+        # Inserting the sorted new ids copies the array once (peak: two arrays).
+        new = np.sort(np.fromiter(self._recent, np.int64, len(self._recent)))
+        position = np.searchsorted(self._sorted, new)
+        present = position < len(self._sorted)
+        present[present] = self._sorted[position[present]] == new[present]
+        self._sorted = np.insert(self._sorted, position[~present], new[~present])
+        self._view = memoryview(self._sorted)
+        self._recent = set()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the sorted array (the buffer's Python ints not counted)."""
+        return int(self._sorted.nbytes)
+
+
 def iter_rows(paths: Sequence[str], start: Optional[Position] = None,
-              seen: Optional[set] = None) -> Iterator[Union[Product, Reject, Duplicate]]:
+              seen: Optional[IdSet] = None) -> Iterator[Union[Product, Reject, Duplicate]]:
     """Streams the product rows of the files, in file order, from `start` on.
 
     Holds one line at a time. Empty lines are skipped silently.
@@ -107,14 +165,15 @@ def iter_rows(paths: Sequence[str], start: Optional[Position] = None,
     Args:
       paths: catalogue TSVs (header checked).
       start: resume here (a Product.end from an earlier run over the same files).
-      seen: product ids already emitted (updated in place): their rows are Duplicates.
+      seen: product ids already emitted (an IdSet or a set, updated in place): their rows
+        are Duplicates.
     Yields:
       Product, Reject or Duplicate, in line order.
     Raises:
       data_prep.tsv.TsvFormatError: a file is empty or its header is wrong.
     """
     start = start or Position(0, 0, 1)
-    seen = set() if seen is None else seen
+    seen = IdSet() if seen is None else seen
     for file_index in range(start.file, len(paths)):
         path = paths[file_index]
         with open(path, "rb") as f:

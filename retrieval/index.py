@@ -2,12 +2,14 @@
 
     mmrecall index --model EXPORT_DIR --products TSV [TSV ...] --out INDEX_DIR
                    [--batch-size 256] [--chunk-rows 65536] [--ann scann|faiss-ivf|exact]
-                   [--served-out EXPORT_BASE [--served-k 100]] [--no-progress]
+                   [--served-out EXPORT_BASE [--served-k 100] [--served-expand-weight 1]
+                    [--served-expand-m 3]] [--no-progress]
                    [--runner local|beam [--beam-args="BEAM PIPELINE OPTIONS"]]
 
 Streams the rows (one reader thread validates and decodes the next batch while TensorFlow,
 which uses every core, embeds the current one), so memory holds two batches and one chunk
-of embeddings, plus the set of product ids seen (a Python set: ~74 bytes per product)
+of embeddings, plus the product ids seen (catalogue.IdSet: a sorted int64 array, ~8 bytes
+per product)
 and, at the end, the embeddings for the ANN build. Output layout, resumption and atomicity:
 retrieval/store.py. With --served-out it also writes the served retrieval SavedModel
 (retrieval/served.py). With --runner beam an Apache Beam pipeline embeds the catalogue
@@ -27,6 +29,7 @@ import numpy as np
 from data_prep import tsv
 from retrieval import ann as ann_lib
 from retrieval import catalogue
+from retrieval import expansion as expansion_lib
 from retrieval import model as model_lib
 from retrieval import store
 
@@ -202,6 +205,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="also write the served retrieval SavedModel under this export base")
     parser.add_argument("--served-k", type=int, default=100,
                         help="products the served retrieval returns per query (default 100)")
+    default = expansion_lib.Expansion()
+    parser.add_argument("--served-expand-weight", type=float, default=default.weight,
+                        help="the served retrieval's query expansion weight, as `mmrecall "
+                             f"search --expand-weight` (default {default.weight:g}; 0: off)")
+    parser.add_argument("--served-expand-m", type=int, default=default.m,
+                        help="the served retrieval's query expansion m, as `mmrecall search "
+                             f"--expand-m` (default {default.m})")
     parser.add_argument("--no-progress", action="store_true", help="no status line")
     parser.add_argument("--runner", choices=("local", "beam"), default="local",
                         help="local: this process embeds (resumable); beam: an Apache Beam "
@@ -213,6 +223,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.beam_args and args.runner != "beam":
         parser.error("--beam-args needs --runner beam")
+    try:
+        served_expansion = expansion_lib.checked(
+            expansion_lib.Expansion(args.served_expand_weight, args.served_expand_m))
+    except ValueError as e:
+        parser.error(str(e))
     try:
         if args.runner == "beam":
             try:
@@ -240,7 +255,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from retrieval import served  # noqa: E402  # only with --served-out: builds a graph
 
         path = served.export_served_retrieval(args.out, args.model, args.served_out,
-                                              k=args.served_k)
+                                              k=args.served_k, expansion=served_expansion)
         print(f"mmrecall index: served retrieval SavedModel -> {path}")
     return 0
 

@@ -2,15 +2,19 @@
 
     mmrecall search --index INDEX_DIR --model EXPORT_DIR (--query TEXT | --queries TSV)
                     [--k 5] [--rerank 100] [--first-stage] [--exact] [--out FILE]
+                    [--expand-weight 1] [--expand-m 3]
 
 1. The query is embedded by the export's `embed_query`.
-2. The index returns its `--rerank` nearest products by dot product (ANN; `--exact`: brute
-   force).
-3. Their rows are re-read from the catalogue files (byte locations kept in the index) and
+2. Query expansion (retrieval/expansion.py; `--expand-weight 0` turns it off): the index's
+   `--expand-m` nearest products form a centroid and the query moves towards it.
+3. The index returns the expanded query's `--rerank` nearest products by dot product (ANN;
+   `--exact`: brute force).
+4. Their rows are re-read from the catalogue files (byte locations kept in the index) and
    sent, as one candidate list per query, to the export's `rank` signature: the served
    ranking, pair score and list stage (`--first-stage`: the pair score alone, as
-   serving_default). `--rerank 0` keeps the retrieval order.
-4. The top `--k` are printed (`--query`: rank, product id, score, retrieval score) or, with
+   serving_default); with expansion the centroid similarity is added to its z-scores at the
+   same weight. `--rerank 0` keeps the retrieval order.
+5. The top `--k` are printed (`--query`: rank, product id, score, retrieval score) or, with
    `--queries` (a TSV with `query` and `query_id` columns, others ignored), written as the
    submission CSV (query-id,product1..product5) that `mmrecall score` reads.
 
@@ -26,6 +30,7 @@ from data_prep import schema
 from export import rank as rank_lib
 from export import signatures as sig_lib
 from retrieval import catalogue
+from retrieval import expansion as expansion_lib
 from retrieval import model as model_lib
 from retrieval import store
 
@@ -86,11 +91,16 @@ class Searcher:
     """An index and the export that built it: query text -> ranked products."""
 
     def __init__(self, index_dir: str, model_dir: str,
-                 model: Optional[model_lib.ExportModel] = None):
-        """Raises:
+                 model: Optional[model_lib.ExportModel] = None,
+                 expansion: expansion_lib.Expansion = expansion_lib.Expansion()):
+        """Args:
+          expansion: query expansion (retrieval/expansion.py); expansion_lib.OFF disables.
+        Raises:
           store.StoreError: no finished index, or the model's product tower or width
             differ from the index's.
+          ValueError: a negative expansion weight or m.
         """
+        self.expansion = expansion_lib.checked(expansion)
         self.index = store.Index(index_dir)
         self.model = model or model_lib.ExportModel(model_dir)
         self._owned = model is None
@@ -100,10 +110,25 @@ class Searcher:
     def retrieve(self, texts: Sequence[str], k: int, exact: bool = False
                  ) -> Tuple[np.ndarray, np.ndarray]:
         """Query texts [B] -> (product ids int64 [B, k'], retrieval scores float32 [B, k']),
-        best first, k' = min(k, P); -1 / -inf where the ANN found fewer."""
-        rows, scores = self.index.search(self.model.embed_queries(texts), k, exact=exact)
-        ids = np.where(rows >= 0, self.index.ids[np.maximum(rows, 0)], -1)
-        return ids, scores
+        best first, k' = min(k, P); -1 / -inf where the ANN found fewer. With expansion the
+        scores are the expanded query's (q^ + weight * c^) dot products."""
+        rows, scores, _ = self._retrieve_rows(texts, k, exact)
+        return self._ids(rows), scores
+
+    def _ids(self, rows: np.ndarray) -> np.ndarray:
+        return np.where(rows >= 0, self.index.ids[np.maximum(rows, 0)], -1)
+
+    def _retrieve_rows(self, texts: Sequence[str], k: int, exact: bool):
+        """(rows int64 [B, k'], scores float32 [B, k'], centroids float32 [B, E] or None)."""
+        queries = self.model.embed_queries(texts)                                   # [B, E]
+        centroids = None
+        if self.expansion.active:
+            first, _ = self.index.search(queries, self.expansion.m, exact=exact)
+            centroids = expansion_lib.centroids(self.index.embeddings, first)
+            queries = expansion_lib.expanded_queries(queries, centroids,
+                                                     self.expansion.weight)
+        rows, scores = self.index.search(queries, k, exact=exact)
+        return rows, scores, centroids
 
     def _fields(self, product_ids: Sequence[int]) -> Dict[str, List]:
         if self._rows is None:
@@ -127,13 +152,15 @@ class Searcher:
           exact: brute-force retrieval instead of the ANN index.
           first_stage: rerank by the pair score alone (no list stage).
         Returns:
-          B lists of min(k, P) Hits, best first.
+          B lists of min(k, P) Hits, best first. Hit.score is the `rank` score, or with
+          expansion z(rank score) + weight * z(centroid similarity) over the list.
         """
         if k < 1 or rerank < 0:
             raise SearchError(f"k must be >= 1 and rerank >= 0 (got k {k}, rerank {rerank})")
-        ids, retrieval_scores = self.retrieve(texts, max(k, rerank), exact=exact)
-        found = [row >= 0 for row in ids]
-        ids = [row[f] for row, f in zip(ids, found)]
+        rows, retrieval_scores, centroids = self._retrieve_rows(texts, max(k, rerank), exact)
+        found = [row >= 0 for row in rows]
+        rows = [row[f] for row, f in zip(rows, found)]
+        ids = [self._ids(row) for row in rows]
         retrieval_scores = [row[f] for row, f in zip(retrieval_scores, found)]
         if rerank == 0:
             return [[Hit(int(p), float(s), float(s)) for p, s in zip(row_ids[:k], scores[:k])]
@@ -148,8 +175,12 @@ class Searcher:
             fields[sig_lib.QUERY] = [text.encode("utf-8")] * len(row_ids)
             lists.append(fields)
         results = []
-        for row_ids, row_scores, scores in zip(
-                ids, retrieval_scores, self.model.score_lists(lists, first_stage=first_stage)):
+        served = self.model.score_lists(lists, first_stage=first_stage)
+        for q, (row_ids, row_scores, scores) in enumerate(zip(ids, retrieval_scores, served)):
+            if centroids is not None:
+                scores = expansion_lib.fused_scores(
+                    scores, self.index.embeddings[rows[q]], centroids[q],
+                    self.expansion.weight)
             # Ties keep the retrieval order (a stable sort over candidates best first).
             order = np.argsort(-scores.astype(np.float64), kind="stable")[:k]
             results.append([Hit(int(row_ids[i]), float(scores[i]), float(row_scores[i]))
@@ -222,14 +253,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="rerank by the pair score alone (no list stage)")
     parser.add_argument("--exact", action="store_true",
                         help="brute-force retrieval instead of the ANN index")
+    default = expansion_lib.Expansion()
+    parser.add_argument("--expand-weight", type=float, default=default.weight,
+                        help="query expansion: weight of the centroid of the first pass's "
+                             f"nearest products (default {default.weight:g}; 0 turns it off)")
+    parser.add_argument("--expand-m", type=int, default=default.m,
+                        help=f"query expansion: products in that centroid (default "
+                             f"{default.m})")
     parser.add_argument("--out", default=None, help="write here instead of stdout")
     args = parser.parse_args(argv)
+    try:
+        expansion = expansion_lib.checked(expansion_lib.Expansion(args.expand_weight,
+                                                                  args.expand_m))
+    except ValueError as e:
+        parser.error(str(e))
     if args.queries and args.k != schema.NDCG_K:
         parser.error(f"--queries writes the submission format: {schema.NDCG_K} products per "
                      f"query (drop --k)")
     searcher = None
     try:
-        searcher = Searcher(args.index, args.model)
+        searcher = Searcher(args.index, args.model, expansion=expansion)
         if args.queries:
             n = search_file(searcher, args.queries, args.out, args.rerank, args.exact,
                             args.first_stage)

@@ -7,7 +7,10 @@ be 256 MB of graph proto), and a `retrieve` signature is added on top of `embed_
 tensors:
 
   retrieve   query string [B] -> product_ids int64 [B, K], scores float32 [B, K]
-             scores = query embedding [B, E] x catalogue embeddings [P, E]^T, exact top K
+             scores = expanded query [B, E] x catalogue embeddings [P, E]^T, exact top K;
+             the query expansion (retrieval/expansion.py: q^ + weight * centroid of the
+             query's m nearest products) runs in the graph too, as `mmrecall search` does
+             it; weight 0 retrieves by the query embedding itself
 
 Every signature of the export is kept (serving_default, rank, embed_*, ...), so one model
 retrieves and reranks. The result is saved with the export's variables plus the two new
@@ -30,6 +33,7 @@ import numpy as np
 
 from export import rank as rank_lib
 from export import signatures as sig_lib
+from retrieval import expansion as expansion_lib
 from retrieval import model as model_lib
 from retrieval import store
 
@@ -41,7 +45,9 @@ _MAIN_OP_KEY = "saved_model_main_op"
 
 
 def export_served_retrieval(index_dir: str, model_dir: str, export_base: str, k: int = 100,
-                            version: Optional[int] = None) -> str:
+                            version: Optional[int] = None,
+                            expansion: expansion_lib.Expansion = expansion_lib.Expansion()
+                            ) -> str:
     """Writes export_base/<version>/: the export plus the `retrieve` signature over the index.
 
     Args:
@@ -50,6 +56,7 @@ def export_served_retrieval(index_dir: str, model_dir: str, export_base: str, k:
       export_base: parent of the versioned SavedModel directory.
       k: products returned per query (capped at the catalogue size).
       version: the version directory's number (default: seconds since the epoch).
+      expansion: the query expansion run in the graph (expansion_lib.OFF: none).
     Returns:
       The SavedModel directory.
     Raises:
@@ -58,6 +65,7 @@ def export_served_retrieval(index_dir: str, model_dir: str, export_base: str, k:
     import tensorflow as tf
     import tensorflow_text  # noqa: F401  registers NormalizeUTF8 used by the graph
 
+    expansion_lib.checked(expansion)
     index = store.Index(index_dir)
     model_path = rank_lib.resolve_model_dir(model_dir)
     version = version or int(time.time())
@@ -87,7 +95,8 @@ def export_served_retrieval(index_dir: str, model_dir: str, export_base: str, k:
                                               name="catalogue_embeddings")          # [P, E]
             catalogue_ids = tf.compat.v1.Variable(ids_init, trainable=False, use_resource=True,
                                                   name="catalogue_ids")             # [P]
-            scores = tf.matmul(embedding, catalogue, transpose_b=True)              # [B, P]
+            expanded = expansion_lib.expand_in_graph(embedding, catalogue, expansion)
+            scores = tf.matmul(expanded, catalogue, transpose_b=True)               # [B, P]
             top = tf.math.top_k(scores, k=min(k, len(index)), sorted=True)          # [B, K]
             out_ids = tf.gather(catalogue_ids, top.indices, name=PRODUCT_IDS)      # [B, K]
             out_scores = tf.identity(top.values, name=SCORES)                      # [B, K]
@@ -119,6 +128,7 @@ def export_served_retrieval(index_dir: str, model_dir: str, export_base: str, k:
         json.dump({"index": os.path.abspath(index_dir), "model": model_path,
                    "fingerprint": index.fingerprint, "count": len(index),
                    "width": index.width, "k": min(k, len(index)),
+                   "expansion": expansion.to_dict(),
                    "signature": RETRIEVE}, f, indent=1, sort_keys=True)
     os.replace(tmp, final)
     return final

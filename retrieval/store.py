@@ -112,11 +112,11 @@ class ChunkWriter:
         """The stream position after the last kept chunk (None: start)."""
         return catalogue.Position(*self.chunks[-1]["end"]) if self.chunks else None
 
-    def seen_ids(self) -> set:
+    def seen_ids(self) -> catalogue.IdSet:
         """Product ids of the kept chunks."""
-        seen = set()
+        seen = catalogue.IdSet()
         for k in range(len(self.chunks)):
-            seen.update(np.load(self._file(k, "ids")).tolist())
+            seen.update(np.load(self._file(k, "ids")))
         return seen
 
     def write(self, ids: np.ndarray, embeddings: np.ndarray, locations: np.ndarray,

@@ -363,3 +363,66 @@ def test_dense_padding_junk_never_fails_the_feature_checks():
     _assert_matches(out, rows)
     assert not np.signbit(out.box_features.numpy()[0, 2:]).any()
     assert not np.signbit(out.box_features.numpy()[1, 1:]).any()
+
+
+def _session_run(build, arrays):
+    """build(*placeholders) run in a TF1 Session on `arrays`, as the model server runs the
+    SavedModel: every branch of the graph is built and the one taken chosen at run time
+    (eagerly, only the branch the values pick would be built)."""
+    with tf.Graph().as_default():
+        phs = [tf.compat.v1.placeholder(tf.as_dtype(a.dtype) if a.dtype != object
+                                        else tf.string, [None] * a.ndim) for a in arrays]
+        out = build(*phs)
+        with tf.compat.v1.Session() as sess:
+            return sess.run(out, dict(zip(phs, arrays)))
+
+
+def _field_arrays(fields):
+    keys = ("boxes", "features", "class_labels", "num_boxes", "image_h", "image_w")
+    return [np.array(list(fields[k].numpy()), dtype=object) if fields[k].dtype == tf.string
+            else fields[k].numpy() for k in keys]
+
+
+@pytest.mark.parametrize("raw_rows", [(), (0, 1, 2, 3), (1, 3)])
+def test_text_raw_and_mixed_requests_equal_prep_in_a_session(raw_rows):
+    # All text, all raw bytes (the features are then neither split nor mapped), both kinds.
+    rng = np.random.default_rng(16)
+    rows = [_row(rng, 3), _row(rng, 5, overshoot=True), _row(rng, 1), _row(rng, 2)]
+    arrays = _field_arrays(_fields(rows))
+    for a in arrays[:3]:
+        for i in raw_rows:
+            a[i] = base64.b64decode(a[i])
+    out = _session_run(lambda *f: pg.decode_b64_products(*f, MAX_BOXES), arrays)
+    _assert_matches(pg.Products(*(tf.constant(v) for v in out)), rows)
+
+
+@pytest.mark.parametrize("field, other_rows_raw", [
+    ("features", True), ("features", False), ("class_labels", True), ("boxes", False)])
+def test_raw_length_rows_that_read_as_base64_are_refused_in_a_session(field, other_rows_raw):
+    # num_boxes x bytes of base64 alphabet ("AAAA..."): the text reading wins, and text of
+    # that length decodes to the wrong length, whether the other rows are raw or text.
+    rng = np.random.default_rng(17)
+    arrays = _field_arrays(_fields([_row(rng, 3), _row(rng, 2)]))
+    keys = ("boxes", "features", "class_labels")
+    if other_rows_raw:
+        for a in arrays[:3]:
+            a[0] = base64.b64decode(a[0])
+    width = {"boxes": 16, "features": 8192, "class_labels": 8}[field]
+    arrays[keys.index(field)][1] = b"A" * (2 * width)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=rf"{field}: decoded length \(bytes\) does not match"):
+        _session_run(lambda *f: pg.decode_b64_products(*f, MAX_BOXES), arrays)
+
+
+@pytest.mark.parametrize("junk, max_boxes", [(0.0, 8), (-0.0, 8), (np.nan, 8), (0.0, 2)])
+def test_dense_padding_in_a_session_comes_out_as_positive_zero(junk, max_boxes):
+    # +0.0 padding without a cap is passed as is; other padding is zeroed; a cap gathers.
+    rng = np.random.default_rng(18)
+    rows = [_row(rng, 3), _row(rng, 1)]
+    boxes, feats, labels = _dense_arrays(rows, 4, (0.0, junk, 0))
+    ints = [np.array([len(r["boxes"]) if c == "num_boxes" else r[c] for r in rows], np.int64)
+            for c in ("num_boxes", "image_h", "image_w")]
+    out = pg.Products(*(tf.constant(v) for v in _session_run(
+        lambda *a: pg.process_dense_products(*a, max_boxes), [boxes, feats, labels] + ints)))
+    _assert_matches(out, rows, max_boxes=max_boxes)
+    assert not np.signbit(out.box_features.numpy()).any()

@@ -1,7 +1,8 @@
 """`mmrecall search` and the served retrieval SavedModel on a tiny export: the submission CSV
 scored by export.score, reranking equal to the `rank` signature on the same list, the
 fingerprint / width / unknown-id errors, and the served `retrieve` signature loaded in a
-fresh process (tensorflow + tensorflow_text only) returning the Python exact search's top K."""
+fresh process (tensorflow + tensorflow_text only) returning the Python exact search's top K,
+and query expansion (retrieval by the expanded query, the fused rerank, the flags)."""
 import json
 import os
 import subprocess
@@ -18,6 +19,7 @@ from export import saved_model
 from export import score as score_lib
 from export import signatures as sig_lib
 from mmrecall_testing import export_fixtures as fx
+from retrieval import expansion as expansion_lib
 from retrieval import index as index_lib
 from retrieval import model as model_lib
 from retrieval import search as search_lib
@@ -69,7 +71,8 @@ def test_queries_file_gives_a_submission_that_score_reads(world, tmp_path):
 
 
 def test_rerank_orders_candidates_by_the_rank_signature(world):
-    searcher = world["searcher"]
+    searcher = search_lib.Searcher(world["index"], world["exports"][0],
+                                   model=world["searcher"].model, expansion=expansion_lib.OFF)
     text = fx.tsv_rows(world["products"][0])[0]["query"]
     ids, retrieval_scores = searcher.retrieve([text], 12, exact=True)
     hits = searcher.search([text], k=5, rerank=12, exact=True)[0]
@@ -84,6 +87,56 @@ def test_rerank_orders_candidates_by_the_rank_signature(world):
     plain = searcher.search([text], k=5, rerank=0, exact=True)[0]
     assert [h.product_id for h in plain] == ids[0][:5].tolist()
     np.testing.assert_allclose([h.score for h in plain], retrieval_scores[0][:5], rtol=1e-6)
+
+
+def test_expansion_retrieves_by_the_expanded_query_and_fuses_the_rerank(world):
+    searcher = world["searcher"]
+    assert searcher.expansion == expansion_lib.Expansion() and searcher.expansion.active
+    index = store.Index(world["index"])
+    texts = [r["query"] for r in fx.tsv_rows(world["products"][0])[::11]][:4]
+    # By hand: the m nearest products' unit centroid, then q^ + weight * c^, exact search.
+    query = searcher.model.embed_queries(texts)
+    emb = np.asarray(index.embeddings)
+    first = np.argsort(-(query @ emb.T), axis=1, kind="stable")[:, :searcher.expansion.m]
+    centroid = emb[first].sum(1)
+    centroid /= np.linalg.norm(centroid, axis=1, keepdims=True)
+    expanded = (query / np.linalg.norm(query, axis=1, keepdims=True)
+                + searcher.expansion.weight * centroid)
+    ids, scores = searcher.retrieve(texts, 12, exact=True)
+    expected = np.sort(expanded @ emb.T, axis=1)[:, ::-1][:, :12]
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    assert ids.tolist() != search_lib.Searcher(
+        world["index"], world["exports"][0], model=searcher.model,
+        expansion=expansion_lib.OFF).retrieve(texts, 12, exact=True)[0].tolist()
+    # The rerank: z(rank score) + weight * z(centroid similarity) over the 12 retrieved.
+    hits = searcher.search(texts[:1], k=5, rerank=12, exact=True)[0]
+    fields = searcher._fields(ids[0].tolist())
+    fields[sig_lib.QUERY] = [texts[0].encode()] * 12
+    served_scores = searcher.model.score_lists([fields])[0]
+    similarity = emb[index.row_of(ids[0].tolist())] @ centroid[0]
+    z = lambda x: (x - x.mean()) / x.std()
+    fused = z(served_scores.astype(np.float64)) + searcher.expansion.weight * z(similarity)
+    assert [h.product_id for h in hits] == [int(ids[0][i]) for i in
+                                            np.argsort(-fused, kind="stable")[:5]]
+    np.testing.assert_allclose([h.score for h in hits], np.sort(fused)[::-1][:5], rtol=1e-5)
+
+
+def test_expansion_flags(world, capsys):
+    common = ["--index", world["index"], "--model", world["exports"][0], "--query", "red dress",
+              "--k", "3", "--exact"]
+    assert search_lib.main(common + ["--rerank", "0"]) == 0
+    expanded = capsys.readouterr().out
+    assert search_lib.main(common + ["--rerank", "0", "--expand-weight", "0"]) == 0
+    plain = capsys.readouterr().out
+    ids, scores = search_lib.Searcher(world["index"], world["exports"][0],
+                                      model=world["searcher"].model,
+                                      expansion=expansion_lib.OFF).retrieve(["red dress"], 3,
+                                                                            exact=True)
+    assert [int(l.split("\t")[1]) for l in plain.strip().split("\n")[1:]] == ids[0].tolist()
+    assert expanded != plain
+    with pytest.raises(SystemExit) as e:
+        search_lib.main(common + ["--expand-weight", "-1"])
+    assert e.value.code == 2 and "weight >= 0" in capsys.readouterr().err
 
 
 def test_single_query_prints_k_results(world, capsys):
@@ -157,7 +210,9 @@ def test_served_retrieval_in_a_fresh_process_equals_exact_python_search(world, t
                                           str(tmp_path / "served"), k=K, version=3)
     assert os.path.basename(path) == "3"
     with open(os.path.join(path, "assets.extra", served.METADATA_FILE), encoding="utf-8") as f:
-        assert json.load(f)["fingerprint"] == store.Index(world["index"]).fingerprint
+        meta = json.load(f)
+    assert meta["fingerprint"] == store.Index(world["index"]).fingerprint
+    assert meta["expansion"] == world["searcher"].expansion.to_dict()
     queries = [r["query"] for r in fx.tsv_rows(world["products"][0])[::9]] + ["red dress"]
     # What TF Serving does: the TF1 loader into a Session, then the signature's tensors.
     script = textwrap.dedent("""
@@ -182,7 +237,7 @@ def test_served_retrieval_in_a_fresh_process_equals_exact_python_search(world, t
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["project"] == []
-    ids, scores = world["searcher"].retrieve(queries, K, exact=True)
+    ids, scores = world["searcher"].retrieve(queries, K, exact=True)   # expanded, as served
     assert got["ids"] == ids.tolist()
     np.testing.assert_allclose(got["scores"], scores, atol=1e-5)
 

@@ -115,3 +115,25 @@ def test_invalid_utf8_is_invalid_argument_naming_query(normalizers):
     with pytest.raises(tf.errors.InvalidArgumentError, match="query: not valid UTF-8"):
         text_graph.query_token_ids(tf.constant([b"red", b"r\xffd"]), normalizers[True],
                                    table, 8)
+
+
+@pytest.mark.parametrize("query, message", [
+    (b"?!", "query: empty after normalisation (no word left once punctuation and whitespace "
+            "are removed)"),
+    (b"r\xffd", "query: not valid UTF-8 text")])
+def test_refusals_in_a_session_read_back_by_rank(query, message):
+    # As the model server runs the graph: one Assert op whose message rank.field_message
+    # reads back whole.
+    from export import rank
+
+    with tf.Graph().as_default():
+        queries = tf.compat.v1.placeholder(tf.string, [None])
+        table = vocab_lib.lookup_table(["[PAD]", "[UNK]", "red"])
+        out = text_graph.query_token_ids(queries, text_graph.QueryNormalizer(), table, 8)
+        with tf.compat.v1.Session() as sess:
+            sess.run(tf.compat.v1.tables_initializer())
+            np.testing.assert_array_equal(sess.run(out[1], {queries: [b"red", b"is red"]}),
+                                          [1, 1])
+            with pytest.raises(tf.errors.InvalidArgumentError) as err:
+                sess.run(out, {queries: [b"red", query]})
+    assert rank.field_message(err.value.message) == message

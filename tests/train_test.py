@@ -72,6 +72,8 @@ def test_resolve_config_fills_the_data_fields_from_the_prep(prep):
     assert cfg.max_boxes == prep.max_boxes == 4
     kept = train.resolve_config(Config(word_embedding_size=8, max_boxes=2), prep)
     assert kept.max_boxes == 2                          # a set cap is kept
+    for cap in (0, 5, 99):                              # none, or above prep's 4: prep's
+        assert train.resolve_config(Config(max_boxes=cap), prep).max_boxes == 4
 
 
 def test_fits_a_tiny_data_set(prep, tmp_path):
