@@ -361,6 +361,7 @@ def seen_set_bytes_per_id(n: int) -> dict:
         del seen
     return out
 
+
 BEAM_MAX_PRODUCTS = 50000   # the DirectRunner holds the shuffled rows (~40 KB each) in memory
 
 

@@ -14,8 +14,9 @@ Shapes, measured in the same process, one after the other in each of --rounds ro
   default: the Config defaults.
   peer:    the equal-work shape of issue 15 (PEER_SHAPE: batch 128, K = 5 negatives, width
            256 for the model, pooled and feed-forward widths, one layer per tower and one
-           matcher round, every box the prep kept). The peer team's model_fn is not available here, so the peer's
-           own figure is not measured; `peer` is ours at its shape.
+           matcher round, every box the prep kept). The peer team's model_fn is not
+           available here, so the peer's own figure is not measured; `peer` is ours at its
+           shape.
   --xla adds `<shape>+xla` (Config.xla, XLA auto-clustering; on CPU TensorFlow clusters
   only with TF_XLA_FLAGS=--tf_xla_cpu_global_jit, which this script sets for --xla).
 Model rate: tf.estimator training steps/s after `warmup` steps (hook timing), reported as

@@ -167,7 +167,8 @@ def zscore_numpy(x, mask) -> np.ndarray:
     return _zscore_np(np.where(maskf > 0, np.asarray(x, np.float64), 0.0), maskf, count)
 
 
-def _l2_normalize_np(x):
+def l2_normalize_numpy(x) -> np.ndarray:
+    """x / ||x|| over the last axis, as tf.math.l2_normalize (a zero vector stays zero)."""
     return x / np.sqrt(np.maximum((x ** 2).sum(-1, keepdims=True), _NORM_EPS))
 
 
@@ -188,14 +189,14 @@ def prf_scores_numpy(scores, embeddings, mask, params: PrfParams) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore"):
         scores = np.where(mask, np.asarray(scores, np.float64), 0.0)
         embeddings = np.where(mask[..., np.newaxis], np.asarray(embeddings, np.float64), 0.0)
-    unit = _l2_normalize_np(embeddings)
+    unit = l2_normalize_numpy(embeddings)
     count = np.maximum(mask.sum(1, keepdims=True), 1).astype(np.float64)
     maskf = mask.astype(np.float64)
     base = _zscore_np(scores, maskf, count)
     current = base
     for _ in range(params.iterations if params.weight != 0.0 else 0):
         top = _top_m_np(current, mask, params.m).astype(np.float64)
-        centroid = _l2_normalize_np((unit * top[..., np.newaxis]).sum(1))            # [Q, E]
+        centroid = l2_normalize_numpy((unit * top[..., np.newaxis]).sum(1))            # [Q, E]
         cosine = (unit * centroid[:, np.newaxis, :]).sum(-1)                           # [Q, C]
         current = base + params.weight * _zscore_np(cosine, maskf, count)
     return np.where(mask, current, PADDING_SCORE)

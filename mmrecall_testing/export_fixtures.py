@@ -50,7 +50,10 @@ def tiny_config(prep_dir: PrepDir, **overrides) -> Config:
     values = dict(hidden_size=16, pooled_size=8, num_heads=2, intermediate_size=16,
                   box_hidden_size=16, geometry_hidden_size=8, matcher_hidden_size=8,
                   max_query_tokens=5, max_boxes=MODEL_MAX_BOXES, dropout=0.0,
-                  eval_queries_per_batch=2, batch_size=8)
+                  eval_queries_per_batch=2, batch_size=8,
+                  # The score tests' absolute tolerances were set at this scale: scores
+                  # are cosines / temperature, so float32 error grows with 1 / temperature.
+                  temperature=0.1)
     values.update(overrides)
     return train_lib.resolve_config(Config.from_dict(values), prep_dir)
 

@@ -23,13 +23,12 @@ less. `bench/retrieval.py --end-to-end` reports search with and without it.
 `expand_in_graph` is the same retrieval step in TensorFlow ops, for the served retrieval
 SavedModel (retrieval/served.py).
 """
+import argparse
 from typing import NamedTuple
 
 import numpy as np
 
 from estimator import list_stage
-
-_NORM_EPS = 1e-12   # squared-norm floor of the L2 normalisations (tf.math.l2_normalize's)
 
 
 class Expansion(NamedTuple):
@@ -58,10 +57,6 @@ def checked(expansion: Expansion) -> Expansion:
     return expansion
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.sqrt(np.maximum((x ** 2).sum(-1, keepdims=True), _NORM_EPS))
-
-
 def centroids(embeddings: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Unit mean embedding of each query's first-pass products.
 
@@ -75,14 +70,13 @@ def centroids(embeddings: np.ndarray, rows: np.ndarray) -> np.ndarray:
     found = (rows >= 0).astype(np.float32)[..., np.newaxis]                          # [B, m, 1]
     vectors = np.asarray(embeddings[np.maximum(rows, 0).reshape(-1)], np.float32)
     vectors = vectors.reshape(rows.shape + (-1,)) * found                             # [B, m, E]
-    total = vectors.sum(1)
-    norm = np.sqrt((total ** 2).sum(-1, keepdims=True))
-    return np.where(norm > 0, total / np.maximum(norm, 1e-30), 0.0).astype(np.float32)
+    return list_stage.l2_normalize_numpy(vectors.sum(1)).astype(np.float32)
 
 
 def expanded_queries(queries: np.ndarray, centroid: np.ndarray, weight: float) -> np.ndarray:
     """q^ + weight * c^: float32 [B, E] from query embeddings [B, E] and centroids [B, E]."""
-    return (_unit(np.asarray(queries, np.float32)) + weight * centroid).astype(np.float32)
+    unit = list_stage.l2_normalize_numpy(np.asarray(queries, np.float32))
+    return (unit + weight * centroid).astype(np.float32)
 
 
 def fused_scores(served: np.ndarray, candidates: np.ndarray, centroid: np.ndarray,
@@ -103,6 +97,30 @@ def fused_scores(served: np.ndarray, candidates: np.ndarray, centroid: np.ndarra
     mask = np.ones_like(served, bool)
     return (list_stage.zscore_numpy(served, mask)
             + weight * list_stage.zscore_numpy(similarity, mask))[0]
+
+
+def add_arguments(parser: argparse.ArgumentParser, prefix: str, whose: str) -> None:
+    """Adds --{prefix}expand-weight and --{prefix}expand-m (defaults: Expansion()) to a
+    command line; `whose` names the retrieval they set in the help."""
+    default = Expansion()
+    parser.add_argument(f"--{prefix}expand-weight", type=float, default=default.weight,
+                        help=f"{whose} query expansion: weight of the centroid of the first "
+                             f"pass's nearest products (default {default.weight:g}; 0 turns "
+                             f"it off)")
+    parser.add_argument(f"--{prefix}expand-m", type=int, default=default.m,
+                        help=f"{whose} query expansion: products in that centroid (default "
+                             f"{default.m})")
+
+
+def from_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   prefix: str) -> Expansion:
+    """The checked Expansion of add_arguments' flags; a bad value is a usage error (exit 2)."""
+    name = prefix.replace("-", "_")
+    try:
+        return checked(Expansion(getattr(args, f"{name}expand_weight"),
+                                 getattr(args, f"{name}expand_m")))
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def expand_in_graph(query, catalogue, expansion: Expansion):

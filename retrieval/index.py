@@ -205,13 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="also write the served retrieval SavedModel under this export base")
     parser.add_argument("--served-k", type=int, default=100,
                         help="products the served retrieval returns per query (default 100)")
-    default = expansion_lib.Expansion()
-    parser.add_argument("--served-expand-weight", type=float, default=default.weight,
-                        help="the served retrieval's query expansion weight, as `mmrecall "
-                             f"search --expand-weight` (default {default.weight:g}; 0: off)")
-    parser.add_argument("--served-expand-m", type=int, default=default.m,
-                        help="the served retrieval's query expansion m, as `mmrecall search "
-                             f"--expand-m` (default {default.m})")
+    expansion_lib.add_arguments(parser, "served-", "the served retrieval's")
     parser.add_argument("--no-progress", action="store_true", help="no status line")
     parser.add_argument("--runner", choices=("local", "beam"), default="local",
                         help="local: this process embeds (resumable); beam: an Apache Beam "
@@ -223,11 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.beam_args and args.runner != "beam":
         parser.error("--beam-args needs --runner beam")
-    try:
-        served_expansion = expansion_lib.checked(
-            expansion_lib.Expansion(args.served_expand_weight, args.served_expand_m))
-    except ValueError as e:
-        parser.error(str(e))
+    served_expansion = expansion_lib.from_arguments(parser, args, "served-")
     try:
         if args.runner == "beam":
             try:

@@ -253,20 +253,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="rerank by the pair score alone (no list stage)")
     parser.add_argument("--exact", action="store_true",
                         help="brute-force retrieval instead of the ANN index")
-    default = expansion_lib.Expansion()
-    parser.add_argument("--expand-weight", type=float, default=default.weight,
-                        help="query expansion: weight of the centroid of the first pass's "
-                             f"nearest products (default {default.weight:g}; 0 turns it off)")
-    parser.add_argument("--expand-m", type=int, default=default.m,
-                        help=f"query expansion: products in that centroid (default "
-                             f"{default.m})")
+    expansion_lib.add_arguments(parser, "", "the search's")
     parser.add_argument("--out", default=None, help="write here instead of stdout")
     args = parser.parse_args(argv)
-    try:
-        expansion = expansion_lib.checked(expansion_lib.Expansion(args.expand_weight,
-                                                                  args.expand_m))
-    except ValueError as e:
-        parser.error(str(e))
+    expansion = expansion_lib.from_arguments(parser, args, "")
     if args.queries and args.k != schema.NDCG_K:
         parser.error(f"--queries writes the submission format: {schema.NDCG_K} products per "
                      f"query (drop --k)")
