@@ -2,7 +2,7 @@
 examples/s the input pipeline feeds.
 
     python bench/train_throughput.py [--data PREP_DIR] [--steps 100] [--warmup 20]
-        [--rounds 1] [--shapes default,peer] [--xla] [--set key=value ...]
+        [--rounds 1] [--shapes default,peer,peer_padded] [--xla] [--set key=value ...]
         [--out bench/results/train_throughput.json]
     python bench/train_throughput.py --profile [--shapes peer] [--trace-steps 3] [--top 12]
 
@@ -17,6 +17,9 @@ Shapes, measured in the same process, one after the other in each of --rounds ro
            matcher round, every box the prep kept). The peer team's model_fn is not
            available here, so the peer's own figure is not measured; `peer` is ours at its
            shape.
+  peer_padded: `peer` with batches in arrival order (batch_by_boxes=false): every batch
+           padded to the largest box count among its rows, as a model without box-count
+           batching pays.
   --xla adds `<shape>+xla` (Config.xla, XLA auto-clustering; on CPU TensorFlow clusters
   only with TF_XLA_FLAGS=--tf_xla_cpu_global_jit, which this script sets for --xla).
 Model rate: tf.estimator training steps/s after `warmup` steps (hook timing), reported as
@@ -64,7 +67,8 @@ from mmrecall_testing.bench_report import write_report  # noqa: E402
 PEER_SHAPE = {"batch_size": 128, "num_negatives": 5, "hidden_size": 256, "pooled_size": 256,
               "intermediate_size": 256, "text_layers": 1, "box_layers": 1, "cross_layers": 1,
               "max_boxes": 0}
-SHAPES = {"default": {}, "peer": PEER_SHAPE}
+SHAPES = {"default": {}, "peer": PEER_SHAPE,
+          "peer_padded": dict(PEER_SHAPE, batch_by_boxes=False)}
 
 # (category, test on the op name without its "gradients/" prefix), first match wins.
 CATEGORIES = [
@@ -234,7 +238,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--shapes", default="default,peer")
+    parser.add_argument("--shapes", default="default,peer,peer_padded")
     parser.add_argument("--xla", action="store_true")
     parser.add_argument("--pipeline-batches", type=int, default=200)
     parser.add_argument("--profile", action="store_true")

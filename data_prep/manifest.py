@@ -80,6 +80,16 @@ class PrepDir:
         """Rows written for a split (0 if not prepared)."""
         return int((self.manifest["splits"].get(split) or {}).get("rows", 0))
 
+    def file_rows(self, files) -> Optional[int]:
+        """Rows in these shard paths (as split_files gives them), or None when any path is
+        not a shard of this prep."""
+        rows = {os.path.join(self.path, s["file"]): int(s["rows"])
+                for entry in self.manifest["splits"].values() if entry
+                for s in entry["shards"]}
+        if not all(f in rows for f in files):
+            return None
+        return sum(rows[f] for f in files)
+
     def verify(self, content: bool = True) -> List[str]:
         """Checks that the files the manifest lists are there as prep wrote them.
 

@@ -47,6 +47,11 @@ class Config:
     # Rows are regrouped within consecutive windows of this many (rounded up to a multiple
     # of batch_size): a row waits at most one window for same-type partners.
     group_window: int = 2048
+    # Each window's rows are batched by kept box count (estimator.input_fn.batch_by_boxes),
+    # runs of train_group_size kept, the batches then shuffled: a batch is padded to its own
+    # largest count, so less of every step is spent on padded boxes (same quality,
+    # bench/quality.py). Its windows hold at most one pass over the worker's rows.
+    batch_by_boxes: bool = True
     num_parallel_reads: int = 4        # files read concurrently (interleave cycle length)
     num_parallel_calls: int = -1       # parse parallelism; -1 = tf.data.AUTOTUNE
     prefetch_batches: int = -1         # -1 = tf.data.AUTOTUNE

@@ -2,8 +2,9 @@
 
 TRAIN: shuffled file list -> parallel interleaved reads -> repeat -> shuffle buffer ->
 (optionally) runs of `train_group_size` rows sharing the query's last lemma, regrouped within
-windows of `group_window` rows -> batch (drop remainder) -> parse the whole batch at once in
-parallel -> prefetch.
+windows of `group_window` rows, and with `batch_by_boxes` each window's batches made of rows
+of similar kept box counts (less padding) -> batch (drop remainder) -> parse the whole batch
+at once in parallel -> prefetch.
 
 EVAL / PREDICT: each file is read in order (rows of one query are contiguous and never split
 across shards) and cut into whole queries with a `scan`; files are still read in parallel
@@ -214,6 +215,91 @@ def group_by_last_lemma(records: tf.data.Dataset, group_size: int, window: int,
     return records.batch(window).flat_map(regroup)
 
 
+def window_order(keys, boxes, group_size: int, batch_size: int, seed=None):
+    """The order in which a window's records are batched: runs of same-key records, batches
+    of similar box counts, batches in random order.
+
+    Records are sorted by key, then box count (random among ties); each key's records are
+    cut into runs of `group_size` (the last run of a key may be shorter); the full runs, then
+    the short ones, each sorted by their largest box count (random among ties), are
+    concatenated, so that with batch_size a multiple of group_size no full run straddles two
+    batches; the full batches of `batch_size` records so formed are shuffled (a trailing
+    partial batch stays last).
+    A batch is padded to its largest box count, so batches of similar counts carry little
+    padding; runs keep the same-key neighbours of group_by_last_lemma.
+
+    Args:
+      keys: int64 [W] run keys (last-lemma buckets; all equal for no runs).
+      boxes: int32 [W] box counts the model will see (after the cap).
+      group_size: records per run (1: each record is its own run).
+      batch_size: records per batch.
+      seed: op seed of the tie-breaking and batch shuffling.
+    Returns:
+      int32 [W], a permutation of range(W).
+    """
+    with tf.name_scope("window_order"):
+        w = tf.size(boxes)
+        pos = tf.range(w)
+
+        def stable_by(order, values):
+            return tf.gather(order, tf.argsort(tf.gather(values, order), stable=True))
+
+        order = tf.argsort(tf.random.uniform([w], seed=seed))                # random ties
+        order = stable_by(stable_by(order, boxes), keys)                     # key, boxes
+        sorted_keys, sorted_boxes = tf.gather(keys, order), tf.gather(boxes, order)
+        key_start = tf.concat([[True], tf.not_equal(sorted_keys[1:], sorted_keys[:-1])], 0)
+        key_id = tf.cumsum(tf.cast(key_start, tf.int32)) - 1
+        first = tf.math.unsorted_segment_min(pos, key_id, tf.reduce_max(key_id) + 1)
+        run_start = tf.equal((pos - tf.gather(first, key_id)) % group_size, 0)
+        run_id = tf.cumsum(tf.cast(run_start, tf.int32)) - 1                 # [W]
+        num_runs = tf.reduce_max(run_id) + 1
+        run_boxes = tf.math.unsorted_segment_max(sorted_boxes, run_id, num_runs)  # [R]
+        run_short = tf.math.unsorted_segment_sum(tf.ones_like(run_id), run_id,
+                                                 num_runs) < group_size        # [R]
+        run_order = stable_by(tf.argsort(tf.random.uniform([num_runs], seed=seed)),
+                              run_boxes)
+        run_order = stable_by(run_order, tf.cast(run_short, tf.int32))     # full runs first
+        run_rank = tf.math.invert_permutation(run_order)                     # [R]
+        place = (tf.cast(tf.gather(run_rank, run_id), tf.int64) * tf.cast(w, tf.int64)
+                 + tf.cast(pos, tf.int64))
+        order = tf.gather(order, tf.argsort(place))                          # [W]
+        full = w // batch_size
+        batches = tf.random.shuffle(tf.range(full), seed=seed)
+        shuffled = tf.reshape(tf.gather(tf.reshape(order[:full * batch_size],
+                                                   [full, batch_size]), batches), [-1])
+        return tf.concat([shuffled, order[full * batch_size:]], 0)
+
+
+def batch_by_boxes(records: tf.data.Dataset, group_size: int, window: int, batch_size: int,
+                   max_boxes: int, seed=None, buckets: int = 1 << 16) -> tf.data.Dataset:
+    """Reorders a shuffled record stream, window by window, with window_order: batches of
+    similar box counts (little padding), runs of `group_size` records sharing their
+    query's last lemma (as group_by_last_lemma) when group_size > 1.
+
+    Args:
+      records: string [] serialized examples (an unbatched stream).
+      group_size: rows per same-lemma run; <= 1 for none.
+      window: records reordered together (a multiple of batch_size keeps batches whole).
+      batch_size: records per training batch.
+      max_boxes: the model's box cap (> 0).
+      seed: op seed of the reordering.
+    Returns:
+      string [] serialized examples, the same multiset per window, reordered.
+    """
+    def reorder(chunk):                                      # string [<= window]
+        boxes = tf.io.parse_example(chunk, {schema.NUM_BOXES: tf.io.FixedLenFeature(
+            [], tf.int64)})[schema.NUM_BOXES]
+        boxes = tf.cast(tf.minimum(boxes, max_boxes), tf.int32)
+        if group_size > 1:
+            keys = _last_lemma_buckets(chunk, buckets)
+        else:
+            keys = tf.zeros_like(boxes, tf.int64)
+        return tf.gather(chunk, window_order(keys, boxes, max(1, group_size), batch_size,
+                                             seed))
+
+    return records.batch(window).map(reorder).unbatch()
+
+
 def input_fn_builder(cfg, files, mode, prep: PrepDir, compression=None, num_epochs=None):
     """Returns an Estimator input_fn over TFRecord shards.
 
@@ -280,10 +366,19 @@ def input_fn_builder(cfg, files, mode, prep: PrepDir, compression=None, num_epoc
             # current one, so rows of one epoch would come out twice before others once.
             ds = ds.repeat(num_epochs)
             ds = ds.shuffle(cfg.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-            if cfg.train_group_size > 1:
-                batches_per_window = max(1, -(-cfg.group_window // cfg.batch_size))
-                ds = group_by_last_lemma(ds, cfg.train_group_size,
-                                         batches_per_window * cfg.batch_size)
+            window = max(1, -(-cfg.group_window // cfg.batch_size)) * cfg.batch_size
+            if cfg.batch_by_boxes:
+                # At most one pass over the worker's rows per window: sorting a window of
+                # several passes would put a row's copies side by side in one batch.
+                rows = prep.file_rows(own_files)
+                if rows is not None and shard_records:
+                    rows //= num_shards
+                if rows is not None:
+                    window = min(window, max(1, rows // cfg.batch_size) * cfg.batch_size)
+                ds = batch_by_boxes(ds, cfg.train_group_size, window, cfg.batch_size,
+                                    max_boxes, seed=seed)
+            elif cfg.train_group_size > 1:
+                ds = group_by_last_lemma(ds, cfg.train_group_size, window)
             ds = ds.batch(cfg.batch_size, drop_remainder=True)
             ds = ds.map(lambda s: parse_batch(s, table, cfg.max_query_tokens, max_boxes),
                         num_parallel_calls=parallel, deterministic=cfg.deterministic)

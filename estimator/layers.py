@@ -228,7 +228,9 @@ class GatedFusion(_FeedForwardSized):
 
     call(x [B, L, D], attended [B, L, D]) -> (y [B, L, D], gate [B, L, D]).
     With x_index (int32 [P]) x holds one row per example and the pairs are
-    (x[x_index[p]], attended[p]); outputs have P rows.
+    (x[x_index[p]], attended[p]); outputs have P rows. The gate's x block, W_x x, then runs
+    once per example and is gathered per pair (the same sum as the concatenated product,
+    with a third fewer per-pair multiplications).
     """
 
     def build(self, input_shape):
@@ -243,10 +245,25 @@ class GatedFusion(_FeedForwardSized):
     @tf.autograph.experimental.do_not_convert
     def call(self, x, attended, training=None, x_index=None):
         attended = tf.cast(attended, self.compute_dtype)
-        x = pair_gather(x, x_index)                                          # [P, L, D]
-        gate = tf.sigmoid(self.gate_dense(tf.concat([x, attended, x * attended], -1)))
+        if x_index is None:
+            gate = tf.sigmoid(self.gate_dense(tf.concat([x, attended, x * attended], -1)))
+        else:
+            gate = tf.sigmoid(self._gate_per_example_x(x, attended, x_index))
+            x = pair_gather(x, x_index)                                      # [P, L, D]
         y = self.norm(x + gate * self.message(attended, training=training))  # [P, L, D]
         return y, gate
+
+    def _gate_per_example_x(self, x, attended, x_index):
+        """Gate logits [P, L, D] = W [x_p; a; x_p * a] + b with W_x x run per example."""
+        if not self.gate_dense.built:
+            # Built through a call so that its variables get the layer's own name scope.
+            self.gate_dense(tf.zeros([1, 3 * self.hidden_size], self.compute_dtype))
+        kernel = tf.cast(self.gate_dense.kernel, self.compute_dtype)             # [3D, D]
+        w_x, w_a, w_xa = tf.split(kernel, 3, axis=0)                            # [D, D] each
+        x_part = pair_gather(tf.tensordot(x, w_x, 1), x_index)                  # [P, L, D]
+        x = pair_gather(x, x_index)
+        logits = x_part + tf.tensordot(attended, w_a, 1) + tf.tensordot(x * attended, w_xa, 1)
+        return tf.nn.bias_add(logits, tf.cast(self.gate_dense.bias, self.compute_dtype))
 
 
 class AttentionPooling(_SizedLayer):

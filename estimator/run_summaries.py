@@ -44,8 +44,8 @@ HPARAM_FIELDS = (
     "trainable_embeddings", "serving_score", "tower_score_weight", "sampler",
     "num_negatives", "temperature", "focal_gamma", "cross_to_tower_gradient", "optimizer",
     "learning_rate", "warmup_steps", "decay", "weight_decay", "clip_norm", "batch_size",
-    "train_group_size", "train_steps", "max_query_tokens", "max_boxes", "seed",
-    "mixed_precision", "distribute")
+    "train_group_size", "batch_by_boxes", "train_steps", "max_query_tokens", "max_boxes",
+    "seed", "mixed_precision", "distribute")
 # The eval scalars (tags in EVAL_DIR) the HParams dashboard pairs with each run.
 EVAL_METRICS = ("ndcg@5", "ndcg@5_tower", "ndcg@5_cross", "auc", "loss")
 EVAL_DIR = "eval_valid"          # tf.estimator's eval dir for EvalSpec(name="valid")

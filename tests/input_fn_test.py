@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 import tensorflow as tf
 
 from data_prep import geometry, schema, text, vocab
@@ -194,7 +195,7 @@ def test_train_files_are_sharded_by_worker(prep):
 
     # No shuffling or regrouping: the first 30 rows read are exactly one pass over the
     # worker's own file (a shuffle buffer spanning epochs could defer any row for long).
-    cfg = tiny_config(batch_size=10, shuffle_buffer=1, train_group_size=1)
+    cfg = tiny_config(batch_size=10, shuffle_buffer=1, train_group_size=1, batch_by_boxes=False)
     files = prep.split_files("train")
     assert len(files) == 2
     expected = []
@@ -231,8 +232,11 @@ def test_more_workers_than_files_split_records_disjointly(prep):
     assert len(seen[0] | seen[1] | seen[2]) == 60
 
 
-def test_group_by_last_lemma_makes_runs_of_one_type(prep):
-    cfg = tiny_config(batch_size=12, train_group_size=4)
+@pytest.mark.parametrize("by_boxes, least_runs", [(False, 25), (True, 20)])
+def test_group_by_last_lemma_makes_runs_of_one_type(prep, by_boxes, least_runs):
+    # Both paths keep the runs: group_by_last_lemma, and window_order under batch_by_boxes,
+    # whose windows hold one pass of the 60 rows, so each type's last rows make short runs.
+    cfg = tiny_config(batch_size=12, train_group_size=4, batch_by_boxes=by_boxes)
     tokens = prep.vocab_tokens()
     ds = input_fn.input_fn_builder(cfg, prep.split_files("train"), TRAIN, prep)()
     runs = 0
@@ -241,9 +245,10 @@ def test_group_by_last_lemma_makes_runs_of_one_type(prep):
         last = [tokens[ids[i, n[i] - 1]] for i in range(12)]
         runs += sum(len(set(last[j:j + 4])) == 1 for j in range(0, 12, 4))
     # 6 types among 60 rows: nearly every run of 4 shares its type (rare tails flush short).
-    assert runs >= 25
-    ungrouped = input_fn.input_fn_builder(tiny_config(batch_size=12, train_group_size=0),
-                                          prep.split_files("train"), TRAIN, prep)()
+    assert runs >= least_runs
+    ungrouped = input_fn.input_fn_builder(
+        tiny_config(batch_size=12, train_group_size=0, batch_by_boxes=by_boxes),
+        prep.split_files("train"), TRAIN, prep)()
     base = 0
     for features, _ in ungrouped.take(10):
         ids, n = features[schema.F_TOKEN_IDS].numpy(), features[schema.F_NUM_TOKENS].numpy()
@@ -287,3 +292,64 @@ def test_last_lemma_buckets_of_empty_queries():
     assert keys[1] == keys[2] and keys[0] == keys[3] and keys[0] != keys[1]
     only_empty = input_fn._last_lemma_buckets(records[:1], 1 << 16).numpy()
     assert only_empty.tolist() == [keys[0]]
+
+
+def _order(keys, boxes, group_size, batch_size, seed=5):
+    tf.random.set_seed(0)        # eagerly, an op seed's draws also depend on earlier calls
+    return input_fn.window_order(tf.constant(keys, tf.int64), tf.constant(boxes, tf.int32),
+                                 group_size, batch_size, seed=seed).numpy()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 5),
+       st.lists(st.tuples(st.integers(0, 3), st.integers(1, 10)), min_size=1, max_size=60))
+def test_window_order_is_a_permutation_with_the_least_padding(group_size, batches_of, seed,
+                                                               rows):
+    keys, boxes = (np.array(col) for col in zip(*rows))
+    batch = group_size * batches_of
+    order = _order(keys, boxes, group_size, batch, seed)
+    assert sorted(order.tolist()) == list(range(len(rows)))
+    full = len(rows) // batch * batch
+    padded = sorted(boxes[order[i:i + batch]].max() for i in range(0, full, batch))
+    if group_size == 1:
+        # No runs: the batches are the sorted counts cut in order, the fewest padded boxes.
+        ideal = np.sort(boxes)
+        assert padded == sorted(ideal[i + batch - 1] for i in range(0, full, batch))
+
+
+def test_window_order_keeps_runs_of_one_key_and_batches_similar_counts():
+    rng = np.random.RandomState(0)
+    # 4 keys x 16 rows, counts 1..10: runs of 4 fit batches of 8 exactly.
+    keys = np.repeat(np.arange(4), 16)
+    boxes = rng.randint(1, 11, size=64)
+    order = _order(keys, boxes, 4, 8)
+    assert sorted(order.tolist()) == list(range(64))
+    for start in range(0, 64, 4):
+        assert len(set(keys[order[start:start + 4]])) == 1                # a run, one key
+    padded = sum(boxes[order[i:i + 8]].max() for i in range(0, 64, 8))
+    arrival = sum(boxes[i:i + 8].max() for i in range(0, 64, 8))
+    assert padded < 0.8 * arrival
+    # Batches come out in a seeded random order, not sorted by count.
+    maxima = [[boxes[_order(keys, boxes, 4, 8, seed)[i:i + 8]].max() for i in range(0, 64, 8)]
+              for seed in (1, 2, 3)]
+    assert any(m != sorted(m) for m in maxima)
+    np.testing.assert_array_equal(_order(keys, boxes, 4, 8, 9), _order(keys, boxes, 4, 8, 9))
+
+
+def test_batch_by_boxes_emits_each_window_once_and_pads_less(prep):
+    def padded_boxes(**overrides):
+        cfg = tiny_config(batch_size=6, shuffle_buffer=1, group_window=30, **overrides)
+        ds = input_fn.input_fn_builder(cfg, prep.split_files("train"), TRAIN, prep,
+                                       num_epochs=1)()
+        ids, padded = [], 0
+        for features, _ in ds:
+            ids += features[schema.F_PRODUCT_ID].numpy().tolist()
+            padded += features[schema.F_BOX_FEATURES].shape[0] * \
+                features[schema.F_BOX_FEATURES].shape[1]
+        return sorted(ids), padded
+
+    plain_ids, plain = padded_boxes(batch_by_boxes=False, train_group_size=0)
+    ids, padded = padded_boxes(batch_by_boxes=True, train_group_size=0)
+    grouped_ids, grouped = padded_boxes(batch_by_boxes=True, train_group_size=3)
+    assert ids == plain_ids == grouped_ids and len(ids) == 60     # every row, once
+    assert padded < plain and grouped < plain

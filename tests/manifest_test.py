@@ -53,6 +53,14 @@ def test_settings_splits_and_files(tmp_path):
     assert (prep.split_rows("train"), prep.split_rows("valid")) == (6, 3)
 
 
+def test_file_rows_counts_the_given_shards_and_knows_no_others(tmp_path):
+    prep = PrepDir(_write_prep(tmp_path / "p"))
+    train, valid = prep.split_files("train"), prep.split_files("valid")
+    assert prep.file_rows(train) == 6 and prep.file_rows(train[1:]) == 2
+    assert prep.file_rows(train[:1] + valid) == 7 and prep.file_rows([]) == 0
+    assert prep.file_rows(train + [str(tmp_path / "elsewhere.tfrecord")]) is None
+
+
 def test_an_absent_split_has_no_files_and_no_rows(tmp_path):
     prep = PrepDir(_write_prep(tmp_path / "p"))
     assert prep.split_files("test") == [] and prep.split_rows("test") == 0
