@@ -2,7 +2,7 @@
 in-graph exact search of the served retrieval SavedModel.
 
 Embeddings. The product and query towers of a tiny export (random weights, the default
-Config's pooled width E = 64) embed a generated catalogue with `mmrecall index` itself (so
+Config's pooled width E, 128) embed a generated catalogue with `mmrecall index` itself (so
 the index path is exercised too) and the generated queries with `embed_query`. A Gaussian is
 fitted to each set (mean and full covariance, plus 1e-4 on the diagonal) and --products
 product and --queries query vectors are sampled from them and L2-normalised, as the towers'
@@ -38,7 +38,7 @@ over queries, with and without expansion. Beside them, the baseline of the same 
 candidate-list NDCG@5 of the same model (RUN_DIR/test_score.txt and
 test_first_stage_score.txt), which ranks only each query's ~30 given candidates.
 
-    python bench/retrieval.py --end-to-end RUN_DIR [--out FILE]
+    python bench/retrieval.py --end-to-end RUN_DIR [--data-dir DATA_DIR] [--out FILE]
 
 Memory of `mmrecall index` (--memory RUN_DIR; JSON default bench/results/
 retrieval_memory.json): catalogues of --memory-sizes product rows made by cycling the run's
@@ -80,8 +80,9 @@ from retrieval import model as model_lib  # noqa: E402
 from retrieval import search as search_lib  # noqa: E402
 from retrieval import store  # noqa: E402
 from mmrecall_testing.bench_report import write_report  # noqa: E402
+from estimator.config import Config  # noqa: E402
 
-WIDTH = 64            # the default Config's pooled_size
+WIDTH = Config().pooled_size  # E, the default retrieval width
 SINGLE_QUERIES = 300  # timed single-query searches per case
 BATCHES = 15          # timed batches of 64 per case
 
@@ -246,9 +247,10 @@ def answer_recall(answers: dict, queries, retrieved: np.ndarray) -> float:
     return float(np.mean(shares))
 
 
-def end_to_end(run_dir: str, tmp: str, rerank: int = 100) -> dict:
-    """Catalogue search on a finished run_train.sh run (module docstring)."""
-    data = os.path.join(run_dir, "data")
+def end_to_end(run_dir: str, tmp: str, rerank: int = 100, data_dir: str = "") -> dict:
+    """Catalogue search on a finished run_train.sh run (module docstring); its TSVs in
+    data_dir (default RUN_DIR/data, where run_train.sh generates them)."""
+    data = data_dir or os.path.join(run_dir, "data")
     export = os.path.join(run_dir, "export")
     catalogue_files = [os.path.join(data, "valid.tsv"), os.path.join(data, "testB.tsv")]
     test, answers_path = os.path.join(data, "testB.tsv"), os.path.join(data, "testB_answer.json")
@@ -365,9 +367,11 @@ def seen_set_bytes_per_id(n: int) -> dict:
 BEAM_MAX_PRODUCTS = 50000   # the DirectRunner holds the shuffled rows (~40 KB each) in memory
 
 
-def index_memory(run_dir: str, tmp: str, sizes, chunk_rows: int = 65536) -> dict:
-    """Peak RSS of `mmrecall index` at several catalogue sizes (module docstring)."""
-    data = os.path.join(run_dir, "data")
+def index_memory(run_dir: str, tmp: str, sizes, chunk_rows: int = 65536,
+                 data_dir: str = "") -> dict:
+    """Peak RSS of `mmrecall index` at several catalogue sizes (module docstring); the
+    run's TSVs in data_dir (default RUN_DIR/data)."""
+    data = data_dir or os.path.join(run_dir, "data")
     export = os.path.join(run_dir, "export")
     sources = [os.path.join(data, f) for f in ("train.tsv", "valid.tsv", "testB.tsv")]
     sizes = sorted(sizes)
@@ -424,6 +428,9 @@ def main(argv=None) -> int:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--end-to-end", metavar="RUN_DIR", default=None,
                         help="catalogue search on a finished ./run_train.sh run directory")
+    parser.add_argument("--data-dir", default="",
+                        help="the run's TSVs for --end-to-end and --memory (default "
+                             "RUN_DIR/data; give the run's DATA_DIR when it had one)")
     parser.add_argument("--out", default=None,
                         help="JSON report (default bench/results/retrieval.json, or "
                              "retrieval_end_to_end.json with --end-to-end, "
@@ -441,11 +448,12 @@ def main(argv=None) -> int:
         started = time.time()
         with tempfile.TemporaryDirectory() as tmp:
             if args.end_to_end:
-                mode, fields = "retrieval_end_to_end", end_to_end(args.end_to_end, tmp)
+                mode, fields = "retrieval_end_to_end", end_to_end(args.end_to_end, tmp,
+                                                                  data_dir=args.data_dir)
             else:
                 mode, fields = "retrieval_memory", index_memory(
                     args.memory, tmp, [int(n) for n in args.memory_sizes.split(",")],
-                    args.memory_chunk_rows)
+                    args.memory_chunk_rows, args.data_dir)
             report = _report(mode, fields, started)
         out = args.out or os.path.join(HERE, "results", mode + ".json")
         write_report(out, report)
@@ -479,7 +487,7 @@ def main(argv=None) -> int:
     report = {
         "bench": "retrieval", "products": args.products, "queries": args.queries,
         "width": WIDTH, "embeddings": "Gaussian fitted to a tiny export's tower outputs "
-                                      "(random weights, E=64), L2-normalised",
+                                      f"(random weights, E={WIDTH}), L2-normalised",
         "tiny_export": tiny, "exact": exact, "ann": results, "in_graph_exact": in_graph,
         "cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version(),
         "tensorflow": tf.__version__, "total_s": time.time() - started,

@@ -57,10 +57,12 @@ class Config:
     prefetch_batches: int = -1         # -1 = tf.data.AUTOTUNE
 
     # --- model ----------------------------------------------------------------------------
-    hidden_size: int = 64              # D, transformer width of both towers
-    pooled_size: int = 64              # E, pooled (retrieval) embedding width
+    # Widths 128/128/256 beat 64/64/128 on all seven bench/quality.py regimes over 3 seeds
+    # (+0.013 to +0.058 NDCG@5) for about 1.8x the training time.
+    hidden_size: int = 128             # D, transformer width of both towers
+    pooled_size: int = 128             # E, pooled (retrieval) embedding width
     num_heads: int = 4
-    intermediate_size: int = 128       # feed-forward width inside transformer blocks
+    intermediate_size: int = 256       # feed-forward width inside transformer blocks
     text_layers: int = 1
     box_layers: int = 1
     cross_layers: int = 1              # CAMP cross-attention + gated fusion rounds
