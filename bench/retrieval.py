@@ -2,13 +2,13 @@
 in-graph exact search of the served retrieval SavedModel.
 
 Embeddings. The product and query towers of a tiny export (random weights, the default
-Config's pooled width E, 128) embed a generated catalogue with `mmrecall index` itself (so
-the index path is exercised too) and the generated queries with `embed_query`. A Gaussian is
-fitted to each set (mean and full covariance, plus 1e-4 on the diagonal) and --products
-product and --queries query vectors are sampled from them and L2-normalised, as the towers'
-outputs are. The result keeps the towers' anisotropy (a strong common direction: mean
-cosine ~0.4 between products), which is harder for partitioning ANN indexes than isotropic
-random vectors.
+Config's pooled width E, 128 today) embed a generated catalogue with `mmrecall index`
+itself (so the index path is exercised too) and the generated queries with `embed_query`.
+A Gaussian is fitted to each set (mean and full covariance, plus 1e-4 on the diagonal) and
+--products product and --queries query vectors are sampled from them and L2-normalised, as
+the towers' outputs are. The result keeps the towers' anisotropy (a strong common
+direction: mean cosine 0.4-0.9 between products, by run), which is harder for partitioning
+ANN indexes than isotropic random vectors.
 
 Figures (2 shared cores, everything in one process):
   exact            numpy brute force: single-query latency; the ground truth top 100
