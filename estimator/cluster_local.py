@@ -77,7 +77,8 @@ class Task:
 
 @dataclasses.dataclass
 class ClusterResult:
-    """Exit codes by task name ("chief:0", "worker:0", ...); None = stopped by us."""
+    """Exit codes by task name ("chief:0", "worker:0", ...); None = still running when we
+    stopped it (what a ps should be: it serves until stopped)."""
     exit_codes: Dict[str, Optional[int]]
     pids: Dict[str, int]
     log_dir: str
@@ -85,8 +86,8 @@ class ClusterResult:
 
     @property
     def ok(self) -> bool:
-        return all(code == 0 for name, code in self.exit_codes.items()
-                   if not name.startswith(PS))
+        return all(code is None if name.startswith(PS) else code == 0
+                   for name, code in self.exit_codes.items())
 
 
 def _start(task_type: str, index: int, cluster, train_argv, log_dir, env_extra) -> Task:
@@ -133,7 +134,8 @@ def run_local_cluster(train_argv: Sequence[str], log_dir: str, num_workers: int 
       timeout_seconds: wall-clock limit for the whole cluster.
       env_extra: extra environment variables for every task.
     Returns:
-      ClusterResult with every task's exit code (ps tasks are stopped by us: None).
+      ClusterResult with every task's exit code (a ps still serving when stopped: None;
+      one that exited by itself, which stops the cluster: its code, and not ok).
     Raises:
       TimeoutError: the chief or a worker did not finish in time (all tasks are stopped).
     """
@@ -152,20 +154,22 @@ def run_local_cluster(train_argv: Sequence[str], log_dir: str, num_workers: int 
         if evaluator:
             tasks.append(_start(EVALUATOR, 0, cluster, train_argv, log_dir, env_extra))
         # Chief, workers and evaluator end by themselves (the evaluator after evaluating
-        # the final checkpoint); a failed chief makes the others wait forever, so stop on it.
+        # the final checkpoint); a ps serves until stopped. A failed chief or a ps that
+        # exits makes the others wait forever, so stop on either.
         finishers = [t for t in tasks if t.task_type != PS]
+        servers = [t for t in tasks if t.task_type == PS]
         while any(t.process.poll() is None for t in finishers):
             if time.time() - start > timeout_seconds:
                 raise TimeoutError(
                     f"cluster did not finish in {timeout_seconds:.0f}s; logs in {log_dir}")
-            if any(t.process.poll() not in (None, 0) for t in finishers):
+            if (any(t.process.poll() not in (None, 0) for t in finishers)
+                    or any(t.process.poll() is not None for t in servers)):
                 break
             time.sleep(0.5)
         codes = {t.name: t.process.poll() for t in tasks}
     finally:
         for task in tasks:
             _stop(task)
-    codes = {name: (None if name.startswith(PS) else code) for name, code in codes.items()}
     return ClusterResult(codes, {t.name: t.process.pid for t in tasks}, log_dir,
                          time.time() - start)
 

@@ -22,6 +22,7 @@ E pooled embedding width, K negatives per positive.
 import dataclasses
 import json
 import os
+import uuid
 from typing import Any, Dict, Iterable, List, Optional
 
 from estimator import losses, negatives
@@ -187,10 +188,13 @@ class Config:
         return cls.from_dict(json.loads(text), base)
 
     def save(self, model_dir: str) -> str:
-        """Writes `config.json` into `model_dir` (atomically) and returns its path."""
+        """Writes `config.json` into `model_dir` (atomically) and returns its path.
+
+        Every task of a cluster saves into the shared model_dir at start, so each write has
+        its own temporary name: the last rename wins and none finds its file gone."""
         os.makedirs(model_dir, exist_ok=True)
         path = os.path.join(model_dir, CONFIG_FILE)
-        tmp = path + ".tmp"
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(self.to_json() + "\n")
         os.replace(tmp, path)

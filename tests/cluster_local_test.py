@@ -78,6 +78,39 @@ def test_stop_kills_a_process_that_ignores_sigterm_and_its_children(tmp_path):
     assert not _alive(child_pid)
 
 
+def _stand_in_start(ps_script: str, trainer_script: str):
+    """A cluster_local._start that runs small Python scripts instead of `mmrecall train`:
+    `ps_script` for ps tasks, `trainer_script` for the others."""
+    def start(task_type, index, cluster, train_argv, log_dir, env_extra):
+        script = ps_script if task_type == cluster_local.PS else trainer_script
+        process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+        return cluster_local.Task(task_type, index, process,
+                                  os.path.join(log_dir, f"{task_type}-{index}.log"))
+    return start
+
+
+def test_a_ps_that_exits_stops_the_cluster_and_fails_it(tmp_path, monkeypatch):
+    # A ps that dies at start (as one did when config.json's temporary name was shared)
+    # left the chief waiting for it until the timeout; now the launcher stops on it.
+    monkeypatch.setattr(cluster_local, "_start", _stand_in_start(
+        "import sys; sys.exit(3)", "import time; time.sleep(600)"))
+    result = cluster_local.run_local_cluster(["--unused"], str(tmp_path), num_workers=1,
+                                             timeout_seconds=120)
+    assert result.exit_codes["ps:0"] == 3
+    assert result.exit_codes["chief:0"] is None and result.exit_codes["worker:0"] is None
+    assert not result.ok
+    assert not [name for name, pid in result.pids.items() if _alive(pid)]
+
+
+def test_a_cluster_whose_trainers_finish_is_ok_with_its_ps_stopped(tmp_path, monkeypatch):
+    monkeypatch.setattr(cluster_local, "_start", _stand_in_start(
+        "import time; time.sleep(600)", "import time; time.sleep(1)"))
+    result = cluster_local.run_local_cluster(["--unused"], str(tmp_path), num_workers=1,
+                                             timeout_seconds=120)
+    assert result.exit_codes == {"ps:0": None, "chief:0": 0, "worker:0": 0, "evaluator:0": 0}
+    assert result.ok
+
+
 def test_cli_requires_train_arguments(capsys):
     with pytest.raises(SystemExit):
         cluster_local.main(["--log-dir", "x"])

@@ -1,6 +1,7 @@
 """Tests for estimator.config: JSON round trip, overrides, validation, CLI precedence."""
 import json
 import os
+import threading
 
 import pytest
 
@@ -89,3 +90,26 @@ def test_knob_defaults_and_values():
 def test_uses_matcher(serving_score, loss_weights, uses_matcher):
     cfg = Config(serving_score=serving_score, loss_weights=loss_weights)
     assert cfg.uses_matcher is uses_matcher
+
+
+def test_concurrent_saves_into_one_model_dir_all_succeed(tmp_path):
+    # Every task of a cluster (chief, workers, ps, evaluator) saves config.json into the
+    # shared model dir at start; a shared temporary name made one task's rename fail.
+    configs = [Config(seed=s) for s in range(8)]
+    errors = []
+
+    def save_many(cfg):
+        try:
+            for _ in range(40):
+                cfg.save(str(tmp_path))
+        except OSError as e:  # pragma: no cover - the failure this test exists to catch
+            errors.append(e)
+
+    threads = [threading.Thread(target=save_many, args=(c,)) for c in configs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert Config.load(str(tmp_path)).seed in range(8)
+    assert os.listdir(tmp_path) == ["config.json"]          # no temporary left behind
