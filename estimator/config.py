@@ -22,9 +22,9 @@ E pooled embedding width, K negatives per positive.
 import dataclasses
 import json
 import os
-import uuid
 from typing import Any, Dict, Iterable, List, Optional
 
+from data_prep import shards
 from estimator import losses, negatives
 
 CONFIG_FILE = "config.json"
@@ -190,14 +190,12 @@ class Config:
     def save(self, model_dir: str) -> str:
         """Writes `config.json` into `model_dir` (atomically) and returns its path.
 
-        Every task of a cluster saves into the shared model_dir at start, so each write has
-        its own temporary name: the last rename wins and none finds its file gone."""
+        Every task of a cluster saves into the shared model_dir at start; shards.write_atomic
+        gives each its own temporary name, so the last rename wins and none finds its file
+        gone."""
         os.makedirs(model_dir, exist_ok=True)
         path = os.path.join(model_dir, CONFIG_FILE)
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.to_json() + "\n")
-        os.replace(tmp, path)
+        shards.write_atomic(path, (self.to_json() + "\n").encode("utf-8"))
         return path
 
     @classmethod

@@ -1,7 +1,8 @@
 """Tests for estimator.config: JSON round trip, overrides, validation, CLI precedence."""
 import json
 import os
-import threading
+import subprocess
+import sys
 
 import pytest
 
@@ -93,23 +94,17 @@ def test_uses_matcher(serving_score, loss_weights, uses_matcher):
 
 
 def test_concurrent_saves_into_one_model_dir_all_succeed(tmp_path):
-    # Every task of a cluster (chief, workers, ps, evaluator) saves config.json into the
-    # shared model dir at start; a shared temporary name made one task's rename fail.
-    configs = [Config(seed=s) for s in range(8)]
-    errors = []
-
-    def save_many(cfg):
-        try:
-            for _ in range(40):
-                cfg.save(str(tmp_path))
-        except OSError as e:  # pragma: no cover - the failure this test exists to catch
-            errors.append(e)
-
-    threads = [threading.Thread(target=save_many, args=(c,)) for c in configs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    assert Config.load(str(tmp_path)).seed in range(8)
+    # Every task of a cluster (chief, workers, ps, evaluator) is a process that saves
+    # config.json into the shared model dir at start; a shared temporary name made one
+    # task's rename fail.
+    script = ("import sys\n"
+              "from estimator.config import Config\n"
+              "for _ in range(200):\n"
+              "    Config(seed=int(sys.argv[2])).save(sys.argv[1])\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tasks = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(seed)],
+                              cwd=root, stderr=subprocess.PIPE) for seed in range(4)]
+    errors = [t.communicate()[1].decode() for t in tasks]
+    assert [t.returncode for t in tasks] == [0] * 4, errors
+    assert Config.load(str(tmp_path)).seed in range(4)
     assert os.listdir(tmp_path) == ["config.json"]          # no temporary left behind
